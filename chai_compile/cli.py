@@ -1,0 +1,34 @@
+"""`chai-compile` command group: profile, export, verify.
+
+Each subcommand lives beside the stage it drives; this file only assembles the group and turns
+typed errors into one-line messages with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from chai_compile import __version__
+from chai_compile.errors import ChaiError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ChaiError as e:
+            click.echo(f"chai-compile: error: {e.one_line()}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="chai-compile")
+def main() -> None:
+    """Clustered Head Attention compiler: profile -> mapping -> rewrite -> export -> verify."""
+
+
+from chai_compile.profile_cli import profile  # noqa: E402
+
+main.add_command(profile)

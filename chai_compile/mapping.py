@@ -1,0 +1,404 @@
+"""The cluster mapping: a typed, versioned, validated record of which heads share attention.
+
+One writer (`ClusterMapping.write`) and one reader (`ClusterMapping.read`). The JSON form is
+documented in docs/mapping-format.md. Everything the reader accepts has been validated: head
+indices in range, every head in exactly one cluster, representatives inside their clusters, the
+derived K-cache heads consistent, and (via `check_model`) the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from chai_compile.errors import FingerprintMismatchError, MappingError
+from chai_compile.fileio import atomic_write_text
+
+FORMAT = "chai-compile/cluster-mapping"
+SCHEMA_VERSION = 1
+# Layer kinds this schema version can carry. "shared" (cross-layer reuse of attention
+# probabilities) is reserved for a later version; readers of v1 reject it by name.
+LAYER_KINDS = ("dense", "clustered")
+RESERVED_LAYER_KINDS = ("shared",)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    members: tuple[int, ...]
+    representative: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model a mapping was profiled on."""
+
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    config_sha256: str
+    qk_sha256: str
+    # Per layer: L2 norm of each query head's projection rows, then of each key head's. Lets a
+    # checkpoint loaded at another precision be recognised when the exact hash differs.
+    qk_head_norms: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class LayerMapping:
+    index: int
+    kind: Literal["dense", "clustered"]
+    clusters: tuple[Cluster, ...] = ()
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.clusters)
+
+    def cluster_of_head(self, num_heads: int) -> list[int]:
+        if self.kind == "dense":
+            return list(range(num_heads))
+        out = [-1] * num_heads
+        for c, cl in enumerate(self.clusters):
+            for h in cl.members:
+                out[h] = c
+        return out
+
+    def representatives(self, num_heads: int) -> list[int]:
+        if self.kind == "dense":
+            return list(range(num_heads))
+        return [cl.representative for cl in self.clusters]
+
+    def kept_k_heads(self, num_heads: int, num_kv_heads: int) -> list[int]:
+        """KV heads whose keys some representative reads (all of them for a dense layer)."""
+        if self.kind == "dense":
+            return list(range(num_kv_heads))
+        group = num_heads // num_kv_heads
+        return sorted({cl.representative // group for cl in self.clusters})
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """Contiguous-cluster layout for fused kernels and the fused ONNX node.
+
+    Query heads are permuted so each cluster is one range `[offsets[c], offsets[c+1])`; the
+    output projection's input columns are permuted the same way, which is exact.
+    """
+
+    permutation: tuple[int, ...]  # permuted position -> original query head
+    cluster_offsets: tuple[int, ...]  # C + 1 entries
+    k_head_index: tuple[int, ...]  # per cluster: index into the layer's kept K heads
+    v_head_index: tuple[int, ...]  # per permuted query head: index into the V heads
+
+
+@dataclass(frozen=True)
+class ClusterMapping:
+    model: ModelInfo
+    layers: tuple[LayerMapping, ...]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived quantities -------------------------------------------------------------
+    def layer(self, index: int) -> LayerMapping:
+        return self.layers[index]
+
+    def kept_k_heads(self, index: int) -> list[int]:
+        return self.layers[index].kept_k_heads(self.model.num_heads, self.model.num_kv_heads)
+
+    def fused_layout(self, index: int) -> FusedLayout:
+        m = self.model
+        lm = self.layers[index]
+        group = m.group_size
+        clusters = lm.clusters if lm.kind == "clustered" else tuple(
+            Cluster((h,), h) for h in range(m.num_heads)
+        )
+        kept = lm.kept_k_heads(m.num_heads, m.num_kv_heads)
+        perm: list[int] = []
+        offsets = [0]
+        for cl in clusters:
+            # representative first: kernels that want one head's q per cluster find it at offset
+            perm.extend([cl.representative] + [h for h in cl.members if h != cl.representative])
+            offsets.append(len(perm))
+        return FusedLayout(
+            permutation=tuple(perm),
+            cluster_offsets=tuple(offsets),
+            k_head_index=tuple(kept.index(cl.representative // group) for cl in clusters),
+            v_head_index=tuple(h // group for h in perm),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """Head and cache counts: what the mapping removes from the model."""
+        m = self.model
+        q_heads = k_heads = 0
+        for lm in self.layers:
+            q_heads += len(lm.representatives(m.num_heads))
+            k_heads += len(lm.kept_k_heads(m.num_heads, m.num_kv_heads))
+        total_q = m.num_layers * m.num_heads
+        total_kv = m.num_layers * m.num_kv_heads
+        # Native cache holds K and V for every KV head; CHAI keeps V whole and K for kept heads.
+        native = 2 * total_kv
+        chai = total_kv + k_heads
+        return {
+            "layers": m.num_layers,
+            "clustered_layers": sum(lm.kind == "clustered" for lm in self.layers),
+            "query_heads_total": total_q,
+            "score_heads_kept": q_heads,
+            "k_heads_total": total_kv,
+            "k_heads_kept": k_heads,
+            "k_cache_saving": 1.0 - k_heads / total_kv,
+            "kv_cache_saving": 1.0 - chai / native,
+            "clusters_per_layer": [len(lm.representatives(m.num_heads)) for lm in self.layers],
+        }
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        model: ModelInfo,
+        layers: Sequence[LayerMapping],
+        provenance: dict[str, Any] | None = None,
+    ) -> ClusterMapping:
+        """Canonicalise (sorted members, clusters by first member) and validate."""
+        canon = []
+        for lm in layers:
+            if lm.kind == "clustered":
+                cls_sorted = sorted(
+                    (Cluster(tuple(sorted(c.members)), c.representative) for c in lm.clusters),
+                    key=lambda c: c.members[0] if c.members else -1,
+                )
+                lm = LayerMapping(lm.index, "clustered", tuple(cls_sorted))
+            canon.append(lm)
+        mapping = cls(model, tuple(canon), dict(provenance or {}))
+        mapping.validate()
+        return mapping
+
+    @classmethod
+    def identity(cls, model: ModelInfo, provenance: dict[str, Any] | None = None) -> ClusterMapping:
+        """Every head its own cluster in every layer: must reproduce the original model."""
+        layers = [
+            LayerMapping(i, "clustered", tuple(Cluster((h,), h) for h in range(model.num_heads)))
+            for i in range(model.num_layers)
+        ]
+        return cls.build(model, layers, provenance or {"kind": "identity"})
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        m = self.model
+        if m.num_heads <= 0 or m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
+            raise MappingError(
+                "model.num_heads must be a positive multiple of model.num_kv_heads",
+                value=(m.num_heads, m.num_kv_heads),
+            )
+        if len(self.layers) != m.num_layers:
+            raise MappingError(
+                f"mapping has {len(self.layers)} layers but the model has {m.num_layers}",
+                value=len(self.layers),
+                fix="re-run `chai-compile profile` on this model",
+            )
+        for i, lm in enumerate(self.layers):
+            where = f"layer {i}"
+            if lm.index != i:
+                raise MappingError(f"{where}: index field is {lm.index}, expected {i}", value=lm.index)
+            if lm.kind == "dense":
+                if lm.clusters:
+                    raise MappingError(f"{where}: a dense layer must not list clusters")
+                continue
+            if lm.kind != "clustered":
+                raise MappingError(f"{where}: unknown layer kind", value=lm.kind)
+            if not lm.clusters:
+                raise MappingError(f"{where}: a clustered layer needs at least one cluster")
+            seen: dict[int, int] = {}
+            for c, cl in enumerate(lm.clusters):
+                if not cl.members:
+                    raise MappingError(f"{where} cluster {c}: no members")
+                for h in cl.members:
+                    if not isinstance(h, int) or not 0 <= h < m.num_heads:
+                        raise MappingError(
+                            f"{where} cluster {c}: head index out of range 0..{m.num_heads - 1}", value=h
+                        )
+                    if h in seen:
+                        raise MappingError(
+                            f"{where}: head {h} is in clusters {seen[h]} and {c}; each head belongs to "
+                            "exactly one cluster",
+                            value=h,
+                        )
+                    seen[h] = c
+                if cl.representative not in cl.members:
+                    raise MappingError(
+                        f"{where} cluster {c}: representative is not a member of its cluster",
+                        value=cl.representative,
+                    )
+            missing = sorted(set(range(m.num_heads)) - set(seen))
+            if missing:
+                raise MappingError(f"{where}: heads in no cluster", value=missing)
+
+    def check_model(self, other: ModelInfo) -> None:
+        """Refuse to apply this mapping to a model it was not profiled on."""
+        mine = self.model
+        for name in ("architecture", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size"):
+            a, b = getattr(mine, name), getattr(other, name)
+            if a != b:
+                raise FingerprintMismatchError(
+                    f"mapping is for another model: {name} is {a} in the mapping but {b} in the model",
+                    value=b,
+                    fix="profile this model with `chai-compile profile` and use that mapping",
+                )
+        if mine.qk_sha256 == other.qk_sha256:
+            return
+        if mine.qk_head_norms and _norms_close(mine.qk_head_norms, other.qk_head_norms):
+            return  # same weights at another precision
+        raise FingerprintMismatchError(
+            "mapping is for another checkpoint: the Q/K weight fingerprint differs "
+            f"({mine.qk_sha256[:12]} in the mapping, {other.qk_sha256[:12]} in the model)",
+            fix="profile this checkpoint with `chai-compile profile` and use that mapping",
+        )
+
+    # ---- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "model": {
+                "architecture": m.architecture,
+                "model_type": m.model_type,
+                "num_layers": m.num_layers,
+                "num_heads": m.num_heads,
+                "num_kv_heads": m.num_kv_heads,
+                "head_dim": m.head_dim,
+                "hidden_size": m.hidden_size,
+                "fingerprint": {
+                    "config_sha256": m.config_sha256,
+                    "qk_sha256": m.qk_sha256,
+                    "qk_head_norms": [list(r) for r in m.qk_head_norms],
+                },
+            },
+            "layers": [_layer_to_dict(lm, m) for lm in self.layers],
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def read(cls, path: str | Path) -> ClusterMapping:
+        path = Path(path)
+        if not path.is_file():
+            raise MappingError("mapping file not found", value=str(path), fix="pass the mapping.json that "
+                               "`chai-compile profile` wrote")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MappingError(
+                f"mapping file {path} is not valid JSON (truncated or edited?): {e.msg} at line {e.lineno} "
+                f"column {e.colno}",
+                fix="regenerate it with `chai-compile profile`",
+            ) from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "mapping") -> ClusterMapping:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise MappingError(f"{source} is not a chai-compile cluster mapping (format field missing)",
+                               value=data.get("format") if isinstance(data, dict) else type(data).__name__)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise MappingError(
+                f"{source}: schema_version {version!r} is not supported; this chai-compile reads "
+                f"version {SCHEMA_VERSION}",
+                fix="use the chai-compile version that wrote it, or re-run profile",
+            )
+        try:
+            md = data["model"]
+            fp = md["fingerprint"]
+            model = ModelInfo(
+                architecture=_typed(md, "architecture", str),
+                model_type=_typed(md, "model_type", str),
+                num_layers=_typed(md, "num_layers", int),
+                num_heads=_typed(md, "num_heads", int),
+                num_kv_heads=_typed(md, "num_kv_heads", int),
+                head_dim=_typed(md, "head_dim", int),
+                hidden_size=_typed(md, "hidden_size", int),
+                config_sha256=_typed(fp, "config_sha256", str),
+                qk_sha256=_typed(fp, "qk_sha256", str),
+                qk_head_norms=tuple(tuple(float(x) for x in r) for r in fp.get("qk_head_norms", [])),
+            )
+            layers = [_layer_from_dict(d, i, model) for i, d in enumerate(_typed(data, "layers", list))]
+        except KeyError as e:
+            raise MappingError(f"{source}: required field {e.args[0]!r} is missing") from None
+        mapping = cls(model, tuple(layers), dict(data.get("provenance") or {}))
+        mapping.validate()
+        for i, d in enumerate(data["layers"]):
+            if "kept_k_heads" in d and list(d["kept_k_heads"]) != mapping.kept_k_heads(i):
+                raise MappingError(
+                    f"{source} layer {i}: kept_k_heads {d['kept_k_heads']} does not match the KV heads "
+                    f"its representatives read {mapping.kept_k_heads(i)}",
+                    value=d["kept_k_heads"],
+                )
+        return mapping
+
+
+def _layer_to_dict(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
+    if lm.kind == "dense":
+        return {"index": lm.index, "kind": "dense"}
+    return {
+        "index": lm.index,
+        "kind": "clustered",
+        "clusters": [{"members": list(c.members), "representative": c.representative} for c in lm.clusters],
+        "kept_k_heads": lm.kept_k_heads(m.num_heads, m.num_kv_heads),
+    }
+
+
+def _layer_from_dict(d: Any, i: int, model: ModelInfo) -> LayerMapping:
+    if not isinstance(d, dict):
+        raise MappingError(f"layer {i}: expected an object", value=type(d).__name__)
+    kind = d.get("kind")
+    if kind in RESERVED_LAYER_KINDS:
+        raise MappingError(f"layer {i}: layer kind {kind!r} is reserved and not supported by schema "
+                           f"version {SCHEMA_VERSION}", value=kind)
+    if kind not in LAYER_KINDS:
+        raise MappingError(f"layer {i}: unknown layer kind; expected one of {', '.join(LAYER_KINDS)}",
+                           value=kind)
+    index = _typed(d, "index", int)
+    if kind == "dense":
+        return LayerMapping(index, "dense")
+    clusters = []
+    for c, cd in enumerate(_typed(d, "clusters", list)):
+        members = _typed(cd, "members", list)
+        for h in members:
+            if not isinstance(h, int) or isinstance(h, bool):
+                raise MappingError(f"layer {i} cluster {c}: head indices must be integers", value=h)
+        clusters.append(Cluster(tuple(members), _typed(cd, "representative", int)))
+    return LayerMapping(index, "clustered", tuple(clusters))
+
+
+def _typed(d: Any, key: str, typ: type) -> Any:
+    if not isinstance(d, dict):
+        raise MappingError(f"expected an object holding {key!r}", value=type(d).__name__)
+    v = d[key]
+    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+        raise MappingError(f"field {key!r} must be {typ.__name__}", value=v)
+    return v
+
+
+def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rtol: float = 2e-3) -> bool:
+    ra, rb = [list(x) for x in a], [list(x) for x in b]
+    if len(ra) != len(rb):
+        return False
+    for xa, xb in zip(ra, rb, strict=True):
+        if len(xa) != len(xb):
+            return False
+        for u, v in zip(xa, xb, strict=True):
+            if abs(u - v) > rtol * max(abs(u), abs(v), 1e-12):
+                return False
+    return True
