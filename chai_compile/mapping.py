@@ -9,6 +9,7 @@ derived K-cache heads consistent, and (via `check_model`) the model fingerprint.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +286,9 @@ class ClusterMapping:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False) + "\n"
+        text = json.dumps(self.to_dict(), indent=1)
+        # Keep number lists on one line: a mapping stays readable and diffable.
+        return re.sub(r"\[\s*([-0-9.e,\s]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text) + "\n"
 
     def write(self, path: str | Path) -> Path:
         return atomic_write_text(Path(path), self.to_json())

@@ -1,0 +1,161 @@
+"""`profile`: calibration text -> attention capture -> head similarity -> cluster counts -> mapping."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chai_compile import __version__
+from chai_compile.adapters import adapter_for
+from chai_compile.calibration import BUILTIN, build_calibration
+from chai_compile.capture import capture_attention
+from chai_compile.clustering import (
+    METHODS,
+    REPRESENTATIVES,
+    choose_representatives,
+    cluster_heads,
+    cosine_distance,
+    knee,
+    sse_curve,
+)
+from chai_compile.errors import ClusteringError
+from chai_compile.fingerprint import model_info
+from chai_compile.loading import LoadedModel
+from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
+
+FEATURES = ("rows", "first_n")
+
+
+@dataclass
+class ProfileOptions:
+    calib: Any = BUILTIN  # path, "builtin", or a list of strings
+    samples: int = 32
+    seq_len: int = 256
+    seed: int = 0
+    batch_size: int = 8
+    first_n: int = 5
+    rows_per_sample: int = 16
+    text_field: str = "text"
+    features: str = "rows"
+    method: str = "agglomerative"
+    clusters: int | list[int] | None = None  # None: knee of the k-means error curve per layer
+    dense_layers: list[int] = field(default_factory=list)
+    representative: str = "auto"
+
+
+@dataclass
+class ProfileData:
+    """What capture measured; enough to derive mappings at other budgets without re-running the model."""
+
+    model: ModelInfo
+    similarity: dict[str, np.ndarray]  # feature kind -> [L, H, H] cosine similarity
+    sse: list[list[float]]  # per layer, k-means error for k = 1..H (on options.features)
+    knee: list[int]
+    calibration: dict[str, Any]
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "similarity": {k: np.round(v, 6).tolist() for k, v in self.similarity.items()},
+            "sse": [[round(x, 8) for x in row] for row in self.sse],
+            "knee": self.knee,
+            "calibration": self.calibration,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def check_options(opts: ProfileOptions, num_layers: int, num_heads: int) -> None:
+    if opts.method not in METHODS:
+        raise ClusteringError(f"unknown --method; choose one of {', '.join(METHODS)}", value=opts.method)
+    if opts.features not in FEATURES:
+        raise ClusteringError(f"unknown --features; choose one of {', '.join(FEATURES)}", value=opts.features)
+    if opts.representative not in REPRESENTATIVES:
+        raise ClusteringError(f"unknown --representative; choose one of {', '.join(REPRESENTATIVES)}",
+                              value=opts.representative)
+    counts = opts.clusters if isinstance(opts.clusters, list) else [opts.clusters] if opts.clusters else []
+    if isinstance(opts.clusters, list) and len(opts.clusters) != num_layers:
+        raise ClusteringError(f"--clusters list needs one count per layer ({num_layers})",
+                              value=len(opts.clusters))
+    for c in counts:
+        if not 1 <= c <= num_heads:
+            raise ClusteringError(f"cannot make more clusters than heads: the model has {num_heads} heads per "
+                                  "layer", value=c, fix=f"pass --clusters between 1 and {num_heads}")
+    for d in opts.dense_layers:
+        if not 0 <= d < num_layers:
+            raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=d)
+
+
+def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
+    """Counts, clusters and representatives from measured similarity (no model needed)."""
+    m = data.model
+    check_options(opts, m.num_layers, m.num_heads)
+    sim = data.similarity[opts.features]
+    layers = []
+    for i in range(m.num_layers):
+        if isinstance(opts.clusters, list):
+            k = opts.clusters[i]
+        else:
+            k = opts.clusters or data.knee[i]
+        if i in opts.dense_layers or k == m.num_heads:
+            layers.append(LayerMapping(i, "dense"))
+            continue
+        members = cluster_heads(sim[i], k, opts.method, opts.seed)
+        reps = choose_representatives(members, cosine_distance(sim[i]), opts.representative, m.group_size)
+        clusters = tuple(Cluster(tuple(c), r) for c, r in zip(members, reps, strict=True))
+        layers.append(LayerMapping(i, "clustered", clusters))
+    settings = {k: v for k, v in asdict(opts).items() if k != "calib"}
+    provenance = {"tool": "chai-compile", "tool_version": __version__, "calibration": data.calibration,
+                  "settings": settings}
+    return ClusterMapping.build(m, layers, provenance)
+
+
+def measure(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> ProfileData:
+    adapter = adapter_for(loaded.model)
+    info = model_info(adapter)
+    check_options(opts, info.num_layers, info.num_heads)
+    t0 = time.perf_counter()
+    calib = build_calibration(loaded.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed,
+                              opts.first_n, opts.text_field)
+    t_calib = time.perf_counter() - t0
+    stats = capture_attention(adapter, calib.input_ids, batch_size=opts.batch_size, first_n=opts.first_n,
+                              rows_per_sample=opts.rows_per_sample, seed=opts.seed, progress=progress)
+    sim = {kind: stats.cosine(kind).numpy() for kind in stats.gram}
+    t1 = time.perf_counter()
+    sse = [sse_curve(sim[opts.features][i], opts.seed)
+           for i in tqdm(range(info.num_layers), desc="k-means curves", unit="layer", disable=not progress)]
+    timings = {"tokenize_s": t_calib, **stats.timings, "cluster_s": time.perf_counter() - t1}
+    calibration = {"source": calib.source, "tokens_sha256": calib.sha256, "samples": int(calib.input_ids.shape[0]),
+                   "seq_len": opts.seq_len, "seed": opts.seed, "first_n": opts.first_n,
+                   "rows_per_sample": opts.rows_per_sample, "features": opts.features}
+    return ProfileData(info, sim, sse, [knee(c) for c in sse], calibration, timings)
+
+
+def profile_model(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> tuple[ProfileData,
+                                                                                             ClusterMapping]:
+    data = measure(loaded, opts, progress)
+    return data, derive_mapping(data, opts)
+
+
+def load_profile_data(path: str | Path, mapping: ClusterMapping) -> ProfileData:
+    """Re-read a profile.json written by `chai-compile profile` (for sweeps over budgets)."""
+    d = json.loads(Path(path).read_text())["profile"]
+    return ProfileData(mapping.model, {k: np.asarray(v) for k, v in d["similarity"].items()}, d["sse"], d["knee"],
+                       d["calibration"], d["timings"])
+
+
+def budget_options(base: ProfileOptions, num_layers: int, counts: Sequence[int],
+                   dense_prefixes: Sequence[int]) -> list[tuple[str, ProfileOptions]]:
+    """A grid of mappings for a trade-off sweep: every (clusters per layer, first N layers dense)."""
+    out = []
+    for c in counts:
+        for n in dense_prefixes:
+            o = ProfileOptions(**{**asdict(base), "clusters": c, "dense_layers": list(range(min(n, num_layers)))})
+            out.append((f"c{c}-dense{n}", o))
+    return out
