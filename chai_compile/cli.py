@@ -29,6 +29,8 @@ def main() -> None:
     """Clustered Head Attention compiler: profile -> mapping -> rewrite -> export -> verify."""
 
 
+from chai_compile.inspect_cli import inspect  # noqa: E402
 from chai_compile.profile_cli import profile  # noqa: E402
 
 main.add_command(profile)
+main.add_command(inspect)

@@ -1,0 +1,3 @@
+from chai_compile.cli import main
+
+main()
