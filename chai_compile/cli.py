@@ -34,3 +34,7 @@ from chai_compile.profile_cli import profile  # noqa: E402
 
 main.add_command(profile)
 main.add_command(inspect)
+from chai_compile.verify.cli import verify  # noqa: E402, I001
+main.add_command(verify)
+from chai_compile.verify.cli import sweep  # noqa: E402, I001
+main.add_command(sweep)

@@ -1,0 +1,148 @@
+"""`chai-compile verify` (original vs CHAI, side by side) and `chai-compile sweep` (trade-off curve)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chai_compile.errors import OutputPathError, ValidationFailed
+
+
+def _log(msg: str) -> None:
+    click.echo(f"chai-compile: {msg}", err=True)
+
+
+def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by verify and sweep (applied bottom-up, so listed here in reverse help order)."""
+    options = [
+        click.option("--tasks", "tasks_text", default=None,
+                     help="Comma list of tasks or 'all' (default: all, or only the --task ones). Tasks: piqa, "
+                          "hellaswag, arc_easy, arc_challenge, boolq, copa, openbookqa, lambada, wikitext2."),
+        click.option("--task", "task_files", multiple=True, metavar="NAME=PATH",
+                     help="Evaluate a file in task NAME's format (repeatable); PATH may be hf:[ID[:CONFIG][@SPLIT]] "
+                          "for a Hugging Face dataset."),
+        click.option("--data-dir", default=None, type=click.Path(),
+                     help="Folder of the shared eval files (default: $CHAI_COMPILE_EVAL_DATA or ../shared/data/eval)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="First N items per task (windows for perplexity tasks)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--membership", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+                     help="static: the frozen mapping; dynamic: clusters chosen per request from the first 5 tokens."),
+        click.option("--window", type=click.IntRange(min=2), default=1024, show_default=True,
+                     help="Perplexity window in tokens (capped at the model's context)."),
+        click.option("--stride", type=click.IntRange(min=1), default=None,
+                     help="Perplexity window stride [default: window/2]."),
+        click.option("--kv-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+                     help="Prefill length for the measured KV-cache bytes."),
+        click.option("--dtype", default="float32", show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None):
+    from chai_compile.verify.tasks import parse_task_list, parse_task_option, resolve_tasks
+
+    overrides = dict(parse_task_option(t) for t in task_files)
+    names = parse_task_list(tasks_text) if tasks_text else ([] if overrides else parse_task_list("all"))
+    return resolve_tasks(names, overrides, data_dir)
+
+
+def _check_out(out_dir: str | None, overwrite: bool) -> None:
+    if out_dir and Path(out_dir).exists() and not overwrite:  # fail before the expensive part
+        raise OutputPathError(f"output directory {out_dir} already exists",
+                              fix="choose a new --out or pass --overwrite")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--mapping", "mapping_path", default=None, type=click.Path(),
+              help="Cluster mapping (mapping.json from `profile`). Without it only the original is evaluated.")
+@click.option("--max-drop", type=click.FloatRange(min=0), default=None,
+              help="Exit 1 if an accuracy falls more than X points, or a perplexity rises more than X %.")
+@click.option("--out", "out_dir", default=None, type=click.Path(),
+              help="Write verify.json, verify.md and verify.png here (must not exist).")
+@_eval_options
+def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
+           task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
+           window: int, stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool,
+           as_json: bool) -> None:
+    """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time."""
+    from chai_compile.fileio import staged_output_dir
+    from chai_compile.loading import load_model
+    from chai_compile.mapping import ClusterMapping
+    from chai_compile.verify.compare import max_drop_violations
+    from chai_compile.verify.report import dumps, verify_markdown, verify_plot
+
+    _check_out(out_dir, overwrite)
+    tasks = _tasks(tasks_text, task_files, data_dir)
+    mapping = ClusterMapping.read(mapping_path) if mapping_path else None
+    if max_drop is not None and mapping is None:
+        _log("--max-drop has no effect without --mapping")
+    loaded = load_model(model, dtype, device)
+
+    from chai_compile.verify.compare import compare_loaded
+
+    core = compare_loaded(loaded, [(Path(mapping_path).stem, mapping)] if mapping else [], tasks,
+                          membership=membership, limit=limit, batch_size=batch_size, window=window, stride=stride,
+                          kv_tokens=kv_tokens, log=_log)
+    result: dict[str, Any] = {
+        "model": model, "mapping_path": mapping_path, "membership": membership,
+        "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
+                     "window": window, "stride": stride, "kv_tokens": kv_tokens},
+        **core,
+    }
+    violations: list[str] = []
+    if max_drop is not None and mapping is not None:
+        kinds = {t: i["kind"] for t, i in core["task_info"].items()}
+        violations = max_drop_violations(core["points"][0]["comparison"], kinds, max_drop)
+        result["max_drop"] = {"threshold": max_drop, "violations": violations}
+
+    md = verify_markdown(result)
+    if out_dir:
+        with staged_output_dir(out_dir, overwrite) as stage:
+            (stage / "verify.json").write_text(dumps(result))
+            (stage / "verify.md").write_text(md)
+            verify_plot(result, stage / "verify.png")
+        _log(f"wrote {out_dir}/verify.json, verify.md, verify.png")
+    click.echo(dumps(result) if as_json else md, nl=False)
+    if violations:
+        raise ValidationFailed(f"CHAI exceeds --max-drop {max_drop:g}: " + "; ".join(violations))
+
+
+@click.command()
+@click.argument("model")
+@click.option("--mappings", "mapping_paths", multiple=True, required=True, type=click.Path(),
+              help="Mapping files or directories of them (repeatable); each is one point of the curve.")
+@click.option("--out", "out_dir", required=True, type=click.Path(),
+              help="Write sweep.json, sweep.md and sweep.png here (must not exist).")
+@_eval_options
+def sweep(model: str, mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None,
+          task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
+          window: int, stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool,
+          as_json: bool) -> None:
+    """Verify several mappings of MODEL and plot measured KV-cache saving against average accuracy change."""
+    from chai_compile.fileio import staged_output_dir
+    from chai_compile.verify.report import dumps, sweep_markdown, sweep_plot
+    from chai_compile.verify.sweep import collect_mappings
+    from chai_compile.verify.sweep import sweep as run_sweep
+
+    _check_out(out_dir, overwrite)
+    tasks = _tasks(tasks_text, task_files, data_dir)
+    mappings = collect_mappings(mapping_paths)
+    result = run_sweep(model, mappings, tasks, limit, batch_size=batch_size, membership=membership, dtype=dtype,
+                       device=device, window=window, stride=stride, kv_tokens=kv_tokens, log=_log)
+    md = sweep_markdown(result)
+    with staged_output_dir(out_dir, overwrite) as stage:
+        (stage / "sweep.json").write_text(dumps(result))
+        (stage / "sweep.md").write_text(md)
+        sweep_plot(result, stage / "sweep.png")
+    _log(f"wrote {out_dir}/sweep.json, sweep.md, sweep.png")
+    click.echo(dumps(result) if as_json else md, nl=False)

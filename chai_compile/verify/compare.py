@@ -1,0 +1,172 @@
+"""Original against CHAI on one loaded model: evaluate, measure, compare, check the allowed drop.
+
+`compare_loaded` is the one code path behind `verify` (one mapping) and `sweep` (several): the
+tasks are tokenised once, the original is evaluated once, and every mapping is applied to a deep
+copy of the original model, evaluated on the same requests and measured the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from chai_compile.errors import ChaiError
+from chai_compile.loading import LoadedModel
+from chai_compile.mapping import ClusterMapping
+from chai_compile.verify.measure import flops_comparison, measure_kv_cache
+from chai_compile.verify.scoring import Prepared, model_max_length, prepare, score
+from chai_compile.verify.tasks import Task
+
+# Accuracy-like metrics compare in points (x100), perplexities as % change.
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "last_word": ("acc", "ppl"), "perplexity": ("ppl",)}
+# The metric averaged for the sweep's "average accuracy change" and checked first by --max-drop.
+PRIMARY = {"multiple_choice": "acc", "last_word": "acc", "perplexity": "ppl"}
+
+Log = Callable[[str], None]
+
+
+class RewriteUnavailable(ChaiError):
+    """The CHAI rewrite (chai_compile.rewrite) is not installed in this build."""
+
+
+def build_chai(model: nn.Module, mapping: ClusterMapping, membership: str = "static") -> nn.Module:
+    """A deep copy of `model` with `mapping` applied (the original stays untouched for comparison)."""
+    try:
+        from chai_compile.rewrite import apply_mapping
+    except ImportError as e:
+        raise RewriteUnavailable(f"the CHAI rewrite is not available: {e}",
+                                 fix="install a chai-compile build that includes chai_compile.rewrite") from None
+    chai = copy.deepcopy(model)
+    return apply_mapping(chai, mapping, membership=membership)
+
+
+def check_mapping(model: nn.Module, mapping: ClusterMapping) -> None:
+    """Refuse a mapping profiled on another model (raises FingerprintMismatchError)."""
+    from chai_compile.adapters import adapter_for
+    from chai_compile.fingerprint import model_info
+
+    mapping.check_model(model_info(adapter_for(model)))
+
+
+def evaluate(model: nn.Module, tokenizer: Any, prepared: Sequence[Prepared], batch_size: int = 8,
+             label: str = "", log: Log | None = None) -> dict[str, dict[str, Any]]:
+    """Score every prepared task on `model`; per task the metrics (with per-item predictions) and wall time."""
+    results = {}
+    for p in prepared:
+        r = score(model, p, tokenizer, batch_size, label)
+        results[p.task.name] = r
+        if log:
+            log(f"{p.task.name} [{label}] " + ", ".join(f"{m} {r[m]:.4g}" for m in METRICS[p.task.kind])
+                + f" (n={r['n']}, {r['wall_s']:.1f} s)")
+    return results
+
+
+def _delta(metric: str, orig: float, chai: float) -> float:
+    if metric == "ppl":
+        return 100.0 * (chai / orig - 1.0) if orig > 0 and math.isfinite(orig) else float("nan")
+    return 100.0 * (chai - orig)
+
+
+def compare_task(kind: str, orig: dict[str, Any], chai: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for m in METRICS[kind]:
+        out[m] = {"original": orig[m], "chai": chai[m], "delta": _delta(m, orig[m], chai[m]),
+                  "unit": "% change" if m == "ppl" else "points"}
+    if "predictions" in orig:  # how often CHAI picks the same answer, a finer signal than acc
+        same = sum(a == b for a, b in zip(orig["predictions"], chai["predictions"], strict=True))
+        out["agreement"] = same / max(len(orig["predictions"]), 1)
+    return out
+
+
+def average_accuracy_change(comparison: dict[str, dict[str, Any]], kinds: dict[str, str]) -> float | None:
+    deltas = [comparison[t][PRIMARY[k]]["delta"] for t, k in kinds.items() if k != "perplexity" and t in comparison]
+    return sum(deltas) / len(deltas) if deltas else None
+
+
+def max_drop_violations(comparison: dict[str, dict[str, Any]], kinds: dict[str, str], max_drop: float) -> list[str]:
+    """Accuracy metrics may fall at most `max_drop` points; a perplexity task may rise at most `max_drop` %."""
+    bad = []
+    for task, kind in kinds.items():
+        for m in ("ppl",) if kind == "perplexity" else ("acc", "acc_norm"):
+            if m not in comparison[task]:
+                continue
+            c = comparison[task][m]
+            worse = c["delta"] if m == "ppl" else -c["delta"]
+            if not worse <= max_drop:  # NaN counts as exceeded
+                what = "rose" if m == "ppl" else "fell"
+                unit = "%" if m == "ppl" else " points"
+                bad.append(f"{task} {m} {what} {abs(c['delta']):.2f}{unit} ({c['original']:.4g} -> "
+                           f"{c['chai']:.4g}), limit {max_drop:g}{unit}")
+    return bad
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if not k.startswith("predictions")}
+
+
+def compare_loaded(
+    loaded: LoadedModel,
+    mappings: Sequence[tuple[str, ClusterMapping]],
+    tasks: Sequence[Task],
+    *,
+    membership: str = "static",
+    limit: int | None = None,
+    batch_size: int = 8,
+    window: int | None = None,
+    stride: int | None = None,
+    kv_tokens: int = 512,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Evaluate the original once and each mapping's CHAI model on the same requests.
+
+    Returns {"original": {...}, "points": [one per mapping]}, JSON-serialisable.
+    """
+    model, tok = loaded.model, loaded.tokenizer
+    for _, m in mappings:  # fail before any expensive work
+        check_mapping(model, m)
+    prepared = [prepare(t, tok, model, limit, window, stride) for t in tasks]
+    kinds = {t.name: t.kind for t in tasks}
+    kv_tokens = max(1, min(kv_tokens, model_max_length(model)))
+
+    orig = evaluate(model, tok, prepared, batch_size, "original", log)
+    orig_kv = measure_kv_cache(model, kv_tokens)
+    out: dict[str, Any] = {
+        "original": {
+            "tasks": {n: _public(r) for n, r in orig.items()},
+            "kv_cache": orig_kv,
+            "flops": flops_comparison(model, None, kv_tokens)["original"] if mappings else None,
+            "wall_s": round(sum(r["wall_s"] for r in orig.values()), 3),
+        },
+        "task_info": {p.task.name: {"kind": p.task.kind, "source": p.task.source,
+                                    **{k: v for k, v in p.meta.items()}} for p in prepared},
+        "points": [],
+    }
+    for label, mapping in mappings:
+        chai_model = build_chai(model, mapping, membership)
+        try:
+            chai = evaluate(chai_model, tok, prepared, batch_size, f"CHAI {label}".strip(), log)
+            kv = measure_kv_cache(chai_model, kv_tokens)
+        finally:
+            del chai_model
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        comparison = {n: compare_task(kinds[n], orig[n], chai[n]) for n in orig}
+        out["points"].append({
+            "label": label,
+            "membership": membership,
+            "mapping_summary": mapping.summary(),
+            "mapping_provenance": mapping.provenance,
+            "tasks": {n: _public(r) for n, r in chai.items()},
+            "comparison": comparison,
+            "average_accuracy_change_points": average_accuracy_change(comparison, kinds),
+            "kv_cache": kv,
+            "kv_cache_saving_pct": round(100 * (1 - kv["bytes_per_token"] / orig_kv["bytes_per_token"]), 3),
+            "flops": flops_comparison(model, mapping, kv_tokens),
+            "wall_s": round(sum(r["wall_s"] for r in chai.values()), 3),
+        })
+    return out

@@ -1,0 +1,238 @@
+"""Zero-shot scoring as lm-evaluation-harness does it, for any causal LM (original or CHAI).
+
+Everything reduces to one primitive, the log-likelihood of a continuation given a context
+(`loglikelihoods`), batched with right padding and sorted by length:
+
+- multiple choice: each answer's log-likelihood; acc = argmax, acc_norm = argmax of the
+  log-likelihood divided by the answer's length in UTF-8 bytes (lm-eval divides by len(answer) in
+  characters, the same for ASCII text);
+- LAMBADA: acc = the greedy (argmax) prediction reproduces every target token; ppl = exp(-mean ll);
+- perplexity: a sliding window (HF's recipe) where each window contributes only the tokens the
+  previous one did not predict, so every token after the first is scored once.
+
+Tokenisation happens once per task (`prepare`) so the original and each CHAI model see identical
+requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from chai_compile.verify.tasks import MCItem, Task
+
+
+@dataclass(frozen=True)
+class Request:
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+@dataclass
+class Prepared:
+    """A task turned into token requests (model independent; reused for every model compared)."""
+
+    task: Task
+    requests: list[Request]
+    items: list[Any]
+    meta: dict[str, Any]
+
+
+# ---- tokenisation -------------------------------------------------------------------------------
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # lm-eval scores causal LMs without special tokens (no BOS) unless the model needs one
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _prefix_token(tokenizer: Any) -> int:
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> Request:
+    """lm-eval's `_encode_pair`: trailing spaces move to the continuation, which is the tail of the
+    whole string's tokens (so merges across the boundary tokenise as in running text)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if not context:
+        return Request((_prefix_token(tokenizer),), tuple(_encode(tokenizer, continuation)))
+    whole = _encode(tokenizer, context + continuation)
+    ctx = _encode(tokenizer, context)
+    cont = whole[len(ctx):]
+    if not cont:  # the continuation merged into the context's last token; score it on its own
+        cont = _encode(tokenizer, continuation)
+    return Request(tuple(ctx), tuple(cont))
+
+
+def model_max_length(model: nn.Module, default: int = 2048) -> int:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return default
+
+
+def perplexity_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first target) per window: windows of `max_length` start every `stride` tokens;
+    each scores the tokens after the previous window's end (the first window from token 1). A window
+    starts at most at the previous end - 1, so with stride == max_length every scored token still has
+    context (lm-eval's rolling windows) instead of HF's recipe silently dropping one token per window."""
+    if max_length < 2 or not 1 <= stride <= max_length:
+        raise ValueError(f"need max_length >= 2 and 1 <= stride <= max_length, got {max_length}, {stride}")
+    windows = []
+    prev_end = 1  # token 0 has no context and is never predicted
+    begin = 0
+    while prev_end < n_tokens:
+        begin = min(begin, prev_end - 1)
+        end = min(begin + max_length, n_tokens)
+        windows.append((begin, end, prev_end))
+        prev_end = end
+        begin += stride
+    return windows
+
+
+def prepare(task: Task, tokenizer: Any, model: nn.Module, limit: int | None = None,
+            window: int | None = None, stride: int | None = None) -> Prepared:
+    """Tokenise `task` for `model`'s context length; `limit` is items, or windows for perplexity."""
+    max_len = model_max_length(model)
+    items = task.limited(limit)
+    meta: dict[str, Any] = {"max_length": max_len}
+    if task.kind == "multiple_choice":
+        reqs = [encode_pair(tokenizer, it.context, it.delimiter + ch) for it in items for ch in it.choices]
+    elif task.kind == "last_word":
+        reqs = [encode_pair(tokenizer, it.context, it.target) for it in items]
+    else:
+        ids = [tid for it in items for tid in _encode(tokenizer, it.text)]
+        win = min(window or 1024, max_len)
+        step = min(stride or win // 2, win)
+        wins = perplexity_windows(len(ids), win, step)
+        if limit is not None:
+            wins = wins[:limit]
+        reqs = [Request(tuple(ids[b:t]), tuple(ids[t:e])) for b, e, t in wins]
+        meta.update(window=win, stride=step, corpus_tokens=len(ids), windows=len(wins))
+    return Prepared(task, reqs, items, meta)
+
+
+# ---- the primitive --------------------------------------------------------------------------
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def loglikelihoods(model: nn.Module, requests: list[Request], batch_size: int = 8, max_length: int | None = None,
+                   pad_id: int = 0, progress: str | None = None) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), greedy match) per request, in request order.
+
+    Inputs are (context + continuation)[-(max_length+1):][:-1] as in lm-eval, right-padded; the
+    longest come first so a batch that does not fit fails at once. Logits are computed only
+    for the positions that predict continuation tokens (`logits_to_keep`) when the model allows.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    max_length = max_length or model_max_length(model)
+    device = next(model.parameters()).device
+    keep_ok = _accepts_logits_to_keep(model)
+    rows = []
+    for i, r in enumerate(requests):
+        full = (r.context + r.continuation)[-(max_length + 1):]
+        cont = r.continuation[-(len(full) - 1):] if len(r.continuation) >= len(full) else r.continuation
+        rows.append((i, full[:-1], cont))
+    rows.sort(key=lambda x: (-len(x[1]), x[0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    bar = tqdm(total=len(rows), desc=progress, disable=None if progress else True, leave=False, unit="req")
+    for s in range(0, len(rows), batch_size):
+        batch = rows[s:s + batch_size]
+        width = max(len(inp) for _, inp, _ in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, (_, inp, _) in enumerate(batch):
+            ids[j, : len(inp)] = torch.tensor(inp)
+            mask[j, : len(inp)] = 1
+        # logits at position p predict token p+1: continuation k of a row is predicted at len-n+k
+        starts = [len(inp) - len(cont) for _, inp, cont in batch]
+        lo, hi = min(starts), width
+        kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "use_cache": False}
+        if keep_ok:
+            kwargs["logits_to_keep"] = torch.arange(lo, hi, device=device)
+            offset = lo
+        else:
+            offset = 0
+        logits = model(input_ids=ids.to(device), **kwargs).logits
+        for j, (i, _inp, cont) in enumerate(batch):
+            a = starts[j] - offset
+            lp = torch.log_softmax(logits[j, a:a + len(cont)].float(), dim=-1)
+            target = torch.tensor(cont, device=lp.device)
+            ll = lp.gather(1, target[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == target).all().item())
+            out[i] = (ll, greedy)
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+# ---- task scoring ------------------------------------------------------------------------------
+
+def _stderr(p: float, n: int) -> float:
+    # lm-eval's sample standard error of a mean of 0/1 outcomes
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+
+
+def mc_metrics(items: list[MCItem], lls: list[float]) -> dict[str, Any]:
+    """acc and acc_norm from per-choice log-likelihoods (flattened in item, choice order)."""
+    preds, preds_norm = [], []
+    pos = 0
+    for it in items:
+        scores = lls[pos:pos + len(it.choices)]
+        pos += len(it.choices)
+        norm = [s / max(len(c.encode("utf-8")), 1) for s, c in zip(scores, it.choices, strict=True)]
+        preds.append(max(range(len(scores)), key=scores.__getitem__))  # first max, like np.argmax
+        preds_norm.append(max(range(len(norm)), key=norm.__getitem__))
+    n = len(items)
+    acc = sum(p == it.gold for p, it in zip(preds, items, strict=True)) / n
+    acc_norm = sum(p == it.gold for p, it in zip(preds_norm, items, strict=True)) / n
+    return {"n": n, "acc": acc, "acc_stderr": _stderr(acc, n), "acc_norm": acc_norm,
+            "acc_norm_stderr": _stderr(acc_norm, n), "predictions": preds, "predictions_norm": preds_norm}
+
+
+def score(model: nn.Module, prepared: Prepared, tokenizer: Any, batch_size: int = 8,
+          label: str = "") -> dict[str, Any]:
+    """Run one prepared task on one model; metrics plus wall time. `predictions*` are per item."""
+    task = prepared.task
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    t0 = time.perf_counter()
+    res = loglikelihoods(model, prepared.requests, batch_size, prepared.meta["max_length"], pad,
+                         progress=f"{task.name} {label}".strip())
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.context) + len(r.continuation) for r in prepared.requests)
+    if task.kind == "multiple_choice":
+        out = mc_metrics(prepared.items, [ll for ll, _ in res])
+    elif task.kind == "last_word":
+        n = len(res)
+        acc = sum(g for _, g in res) / n
+        out = {"n": n, "acc": acc, "acc_stderr": _stderr(acc, n),
+               "ppl": math.exp(-sum(ll for ll, _ in res) / n), "predictions": [int(g) for _, g in res]}
+    else:
+        scored = sum(len(r.continuation) for r in prepared.requests)
+        nll = -sum(ll for ll, _ in res)
+        out = {"n": prepared.meta["windows"], "tokens": scored, "nll": nll, "ppl": math.exp(nll / scored),
+               **{k: prepared.meta[k] for k in ("window", "stride", "corpus_tokens")}}
+    out.update(wall_s=round(wall, 3), tokens_forwarded=tokens)
+    return out
