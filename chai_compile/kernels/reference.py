@@ -1,0 +1,103 @@
+"""Float64 torch reference for clustered attention (decode and prefill); runs on any device.
+
+Semantics (heads already permuted so that cluster c is the head range [offsets[c], offsets[c+1])):
+
+    P_c   = softmax(q_c K_{k_head_index[c]}^T * scale + mask)
+    out_i = P_{cluster(i)} V_{v_head_index[i]}
+
+This is the oracle the Triton kernels are tested against: it materialises every score matrix,
+so keep shapes small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cluster_of_head(cluster_offsets: torch.Tensor) -> torch.Tensor:
+    """[H] int64: the cluster each permuted head belongs to."""
+    offs = cluster_offsets.to(torch.int64)
+    sizes = offs[1:] - offs[:-1]
+    if int(offs[0]) != 0 or bool((sizes <= 0).any()):
+        raise ValueError(f"cluster_offsets must start at 0 and be strictly increasing, got {offs.tolist()}")
+    return torch.repeat_interleave(torch.arange(len(sizes), device=offs.device), sizes)
+
+
+def _key_mask(
+    lengths: torch.Tensor, t_max: int, span: torch.Tensor | None, sinks: int, device: torch.device
+) -> torch.Tensor:
+    """[B, T] bool: key t is attended by sequence b."""
+    t = torch.arange(t_max, device=device)[None, :]
+    mask = t < lengths.to(device=device, dtype=torch.int64)[:, None]
+    if span is not None:
+        span = span.to(device=device, dtype=torch.int64)
+        in_span = (t >= span[:, :1]) & (t < span[:, 1:2])
+        mask &= in_span | (t < sinks)
+    return mask
+
+
+def _attend(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked softmax over the last dim; rows with no attended key give all-zero weights."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def clustered_decode_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    scale: float,
+    *,
+    span: torch.Tensor | None = None,
+    sinks: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """q [B, C, d], caches [B, H*, Tmax, d], lengths [B] -> [B, H, d] (dtype of q unless out_dtype).
+
+    span: optional int [B, 2] (start, end); with it a key t is attended iff t < lengths[b] and
+    (t < sinks or start <= t < end).
+    """
+    dev = q.device
+    cl = cluster_of_head(cluster_offsets.to(dev))
+    k = k_cache.to(torch.float64).index_select(1, k_head_index.to(dev, torch.int64))  # [B, C, T, d]
+    v = v_cache.to(torch.float64).index_select(1, v_head_index.to(dev, torch.int64))  # [B, H, T, d]
+    mask = _key_mask(lengths, k.shape[2], span, sinks, dev)[:, None, :]
+    # Keys that are not attended may hold anything (NaN padding): keep them out of the products.
+    k = k.masked_fill(~mask[..., None], 0.0)
+    v = v.masked_fill(~mask[..., None], 0.0)
+    scores = torch.einsum("bcd,bctd->bct", q.to(torch.float64), k) * scale
+    probs = _attend(scores, mask)  # [B, C, T]
+    out = torch.einsum("bht,bhtd->bhd", probs.index_select(1, cl), v)
+    return out.to(out_dtype or q.dtype)
+
+
+def clustered_prefill_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """q [B, C, S, d], k [B, Hk, S, d], v [B, Hv, S, d] -> [B, H, S, d]."""
+    dev = q.device
+    cl = cluster_of_head(cluster_offsets.to(dev))
+    kk = k.to(torch.float64).index_select(1, k_head_index.to(dev, torch.int64))
+    vv = v.to(torch.float64).index_select(1, v_head_index.to(dev, torch.int64))
+    scores = torch.einsum("bcsd,bctd->bcst", q.to(torch.float64), kk) * scale
+    s_len, t_len = scores.shape[-2:]
+    mask = torch.ones(s_len, t_len, dtype=torch.bool, device=dev)
+    if causal:
+        mask = torch.tril(mask)
+    probs = _attend(scores, mask)
+    out = torch.einsum("bhst,bhtd->bhsd", probs.index_select(1, cl), vv)
+    return out.to(out_dtype or q.dtype)

@@ -1,0 +1,400 @@
+"""Fused clustered-attention decode in Triton (flash-decoding with one score pass per cluster).
+
+Work is cut into *tiles*: a tile is one cluster (one query, one K head) plus up to `tile_width`
+distinct V heads read by that cluster's members. A program handles (tile, split of the sequence,
+sequence): it streams the split's K rows once, keeps an online softmax, and accumulates P.V for
+each of its V heads, so each K row is read once per tile and each V row once per (cluster, V
+head). Heads of one cluster that share a V head (GQA) share one accumulator ("slot") and the
+reduction kernel writes that slot to each of them. A second kernel merges the splits.
+
+Programs of the same (sequence, split) are launched next to each other so that tiles reading the
+same K or V rows (a cluster cut into several tiles, or V heads shared across clusters) meet in L2.
+
+Triton is imported lazily: without it this module still imports, and the entry points raise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: kernels are defined but never launched.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        constexpr = int
+
+        @staticmethod
+        def jit(fn=None, **_kw):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()  # type: ignore[assignment]
+
+
+LOG2E = 1.4426950408889634
+
+
+def require_triton() -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("chai_compile.kernels needs triton (pip install triton) and a CUDA GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: cluster layout -> tile tables (built once per mapping, cached on the index tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    num_heads: int
+    num_clusters: int
+    tile_width: int  # max V heads (slots) per tile
+    num_tiles: int
+    num_slots: int  # distinct (cluster, V head) pairs; == num_heads for MHA
+    max_k_head: int
+    max_v_head: int
+    identity_slots: bool  # slot i is head i: outputs can be written in place
+    tile_cluster: torch.Tensor  # [NT] int32
+    tile_k_head: torch.Tensor  # [NT] int32
+    tile_v_heads: torch.Tensor  # [NT, tile_width] int32, padded with 0
+    tile_count: torch.Tensor  # [NT] int32 valid entries of tile_v_heads
+    tile_slot: torch.Tensor  # [NT] int32 first slot of the tile (its slots are consecutive)
+    slot_of_head: torch.Tensor  # [H] int32
+    sources: tuple[torch.Tensor, ...] = ()  # keeps the keyed tensors alive so their pointers stay unique
+
+
+def build_plan(
+    cluster_offsets: torch.Tensor, k_head_index: torch.Tensor, v_head_index: torch.Tensor, tile_width: int
+) -> ClusterPlan:
+    offs = [int(x) for x in cluster_offsets.tolist()]
+    kidx = [int(x) for x in k_head_index.tolist()]
+    vidx = [int(x) for x in v_head_index.tolist()]
+    num_clusters = len(offs) - 1
+    if num_clusters < 1 or offs[0] != 0 or any(b <= a for a, b in zip(offs, offs[1:], strict=False)):
+        raise ValueError(f"cluster_offsets must start at 0 and strictly increase, got {offs}")
+    if len(kidx) != num_clusters:
+        raise ValueError(f"k_head_index has {len(kidx)} entries for {num_clusters} clusters")
+    if offs[-1] != len(vidx):
+        raise ValueError(f"cluster_offsets end at {offs[-1]} but v_head_index has {len(vidx)} heads")
+    if min(kidx) < 0 or min(vidx) < 0:
+        raise ValueError("head indices must be >= 0")
+
+    slot_ids: dict[tuple[int, int], int] = {}
+    slot_vhead: list[int] = []
+    slot_of_head: list[int] = []
+    tiles: list[tuple[int, list[int], int]] = []  # (cluster, v heads, first slot)
+    for c in range(num_clusters):
+        first = len(slot_vhead)
+        for i in range(offs[c], offs[c + 1]):
+            key = (c, vidx[i])
+            if key not in slot_ids:
+                slot_ids[key] = len(slot_vhead)
+                slot_vhead.append(vidx[i])
+            slot_of_head.append(slot_ids[key])
+        for s in range(first, len(slot_vhead), tile_width):
+            tiles.append((c, slot_vhead[s : s + tile_width], s))
+
+    dev = cluster_offsets.device
+
+    def i32(x: list) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=dev)
+
+    return ClusterPlan(
+        num_heads=len(vidx),
+        num_clusters=num_clusters,
+        tile_width=tile_width,
+        num_tiles=len(tiles),
+        num_slots=len(slot_vhead),
+        max_k_head=max(kidx),
+        max_v_head=max(vidx),
+        identity_slots=slot_of_head == list(range(len(vidx))),
+        tile_cluster=i32([t[0] for t in tiles]),
+        tile_k_head=i32([kidx[t[0]] for t in tiles]),
+        tile_v_heads=i32([t[1] + [0] * (tile_width - len(t[1])) for t in tiles]),
+        tile_count=i32([len(t[1]) for t in tiles]),
+        tile_slot=i32([t[2] for t in tiles]),
+        slot_of_head=i32(slot_of_head),
+        sources=(cluster_offsets, k_head_index, v_head_index),
+    )
+
+
+_PLANS: dict[tuple, ClusterPlan] = {}
+
+
+def get_plan(
+    cluster_offsets: torch.Tensor, k_head_index: torch.Tensor, v_head_index: torch.Tensor, tile_width: int
+) -> ClusterPlan:
+    """Cached build_plan. The mapping is fixed at export, so the host sync happens once per layer.
+
+    Keyed on the tensors' storage pointers and in-place version counters; the plan holds a
+    reference to them, so a pointer cannot be reused by another tensor while the entry lives.
+    """
+    key = tuple((t.data_ptr(), t._version, t.numel()) for t in (cluster_offsets, k_head_index, v_head_index))
+    key += (tile_width, str(cluster_offsets.device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = build_plan(cluster_offsets, k_head_index, v_head_index, tile_width)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, Lengths, Span,
+    TileCluster, TileKHead, TileVHeads, TileCount, TileSlot,
+    Opart, Mpart, Lpart,
+    stride_qb, stride_qc,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_os, stride_op,
+    stride_mb, stride_ms,
+    qk_scale, split_len, sinks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SPAN: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 for 16 GiB caches
+
+    c = tl.load(TileCluster + tile)
+    kh = tl.load(TileKHead + tile).to(tl.int64)
+    count = tl.load(TileCount + tile)
+    slot0 = tl.load(TileSlot + tile)
+    length = tl.load(Lengths + b)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, M)
+    dmask = offs_d < HEAD_DIM  # constexpr-true when BLOCK_D == HEAD_DIM
+    m_valid = offs_m < count
+    vh = tl.load(TileVHeads + tile * M + offs_m).to(tl.int64)
+
+    if HAS_SPAN:
+        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
+        span_start = tl.load(Span + b * 2)
+        span_end = tl.load(Span + b * 2 + 1)
+        a = tl.minimum(sinks, length)
+        s0 = tl.maximum(span_start, a)
+        e0 = tl.minimum(span_end, length)
+        length = a + tl.maximum(e0 - s0, 0)
+
+    # Fold scale and log2(e) into q so the softmax runs on exp2.
+    q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_vb + vh * stride_vh  # [M] pointers
+
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_valid = n < hi
+        if HAS_SPAN:
+            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
+        else:
+            t = n.to(tl.int64)
+        k = tl.load(
+            k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
+        )
+        s = tl.sum(q[None, :] * k.to(tl.float32), 1)
+        s = tl.where(n_valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block holds at least one valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        v_ptrs = v_base[:, None, None] + t[None, :, None] * stride_vt + offs_d[None, None, :]
+        v_mask = m_valid[:, None, None] & n_valid[None, :, None] & dmask[None, None, :]
+        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[None, :, None] * v.to(tl.float32), 1)
+        m_i = m_new
+
+    slot = (slot0 + offs_m).to(tl.int64)
+    o_ptrs = Opart + b * stride_ob + slot[:, None] * stride_os + split * stride_op + offs_d[None, :]
+    tl.store(o_ptrs, acc, mask=m_valid[:, None] & dmask[None, :])
+    ml_off = b * stride_mb + slot * stride_ms + split
+    tl.store(Mpart + ml_off, tl.zeros([M], tl.float32) + m_i, mask=m_valid)
+    tl.store(Lpart + ml_off, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    Opart, Mpart, Lpart, SlotOfHead, Out,
+    stride_ob, stride_os, stride_op,
+    stride_mb, stride_ms,
+    stride_outb, stride_outh,
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    slot = tl.load(SlotOfHead + h).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, BLOCK_S)
+    dmask = offs_d < HEAD_DIM
+    ml_base = b * stride_mb + slot * stride_ms
+
+    # Pass 1: global max over the splits' maxima (empty splits hold -inf).
+    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        m_max = tl.maximum(m_max, tl.load(Mpart + ml_base + s, mask=s < num_splits, other=float("-inf")))
+    m_all = tl.max(m_max, 0)
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
+
+    # Pass 2: rescale and sum the partial accumulators.
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    l_sum = tl.zeros([BLOCK_S], tl.float32)
+    o_base = Opart + b * stride_ob + slot * stride_os
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        s_valid = s < num_splits
+        w = tl.exp2(tl.load(Mpart + ml_base + s, mask=s_valid, other=float("-inf")) - m_all)
+        l_sum += w * tl.load(Lpart + ml_base + s, mask=s_valid, other=0.0)
+        o = tl.load(
+            o_base + s[:, None] * stride_op + offs_d[None, :], mask=s_valid[:, None] & dmask[None, :], other=0.0
+        )
+        acc += tl.sum(w[:, None] * o, 0)
+    l_all = tl.sum(l_sum, 0)
+    out = acc / tl.where(l_all == 0.0, 1.0, l_all)
+    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=dmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    tile_width: int = 4
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 3
+    min_split: int = 128  # keys per split at least: partial results stay < 1% of the traffic
+    waves: float = 4.0  # aim for this many programs per SM before splitting stops
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":  # TRITON_INTERPRET=1 on the CPU (tests)
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def default_decode_config(batch: int, num_heads: int, t_max: int) -> DecodeConfig:
+    """Heuristic picked from the sweep in benchmarks/bench_kernels.py (see docs/benchmarks.md)."""
+    return DecodeConfig()
+
+
+def num_splits_for(cfg: DecodeConfig, batch: int, num_tiles: int, t_max: int, sm_count: int) -> tuple[int, int]:
+    """(num_splits, split_len): split the sequence until the grid fills the GPU `waves` times."""
+    want = math.ceil(cfg.waves * sm_count / max(1, batch * num_tiles))
+    most = max(1, math.ceil(t_max / cfg.min_split))
+    n = max(1, min(want, most))
+    split_len = math.ceil(math.ceil(t_max / n) / cfg.block_n) * cfg.block_n
+    return math.ceil(t_max / split_len), split_len
+
+
+def clustered_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    lengths: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    scale: float,
+    *,
+    span: torch.Tensor | None = None,
+    sinks: int = 0,
+    max_length: int | None = None,
+    config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step of clustered attention.
+
+    q [B, C, d] (one query per cluster, positions applied); k_cache [B, Hk, Tmax, d];
+    v_cache [B, Hv, Tmax, d] (any strides, last dim contiguous); lengths int32 [B]: keys
+    0..lengths[b]-1 are attended. cluster_offsets [C+1], k_head_index [C], v_head_index [H]:
+    int32 CUDA tensors. Returns [B, H, d] in permuted head order, dtype of q (fp32 accumulation).
+
+    Optional: span int32 [B, 2] (start, end) with `sinks` leading tokens: only keys t < sinks or
+    start <= t < end are attended and blocks outside are never read. max_length: an upper bound
+    of lengths (defaults to Tmax) used to size the split; config: override the tuning; out: a
+    preallocated [B, H, d] result (CUDA graphs, tests).
+    """
+    require_triton()
+    batch, num_clusters, head_dim = q.shape
+    t_max = k_cache.shape[2]
+    if k_cache.shape[0] != batch or v_cache.shape[0] != batch or v_cache.shape[2] != t_max:
+        raise ValueError(f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if k_cache.shape[3] != head_dim or v_cache.shape[3] != head_dim:
+        raise ValueError("q, k_cache and v_cache must share the head size")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last dim")
+    num_heads = v_head_index.numel()
+    cfg = config or default_decode_config(batch, num_heads, t_max)
+    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width)
+    if plan.num_clusters != num_clusters:
+        raise ValueError(f"q has {num_clusters} cluster queries, the mapping {plan.num_clusters} clusters")
+    if plan.max_k_head >= k_cache.shape[1] or plan.max_v_head >= v_cache.shape[1]:
+        raise ValueError("k_head_index / v_head_index point past the cache's heads")
+    if lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)
+    if span is not None and span.dtype != torch.int32:
+        span = span.to(torch.int32)
+
+    n_split, split_len = num_splits_for(cfg, batch, plan.num_tiles, max_length or t_max, _sm_count(q.device))
+    dev = q.device
+    opart = torch.empty(batch, plan.num_slots, n_split, head_dim, device=dev, dtype=torch.float32)
+    mpart = torch.empty(batch, plan.num_slots, n_split, device=dev, dtype=torch.float32)
+    lpart = torch.empty_like(mpart)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, device=dev, dtype=q.dtype)
+    elif out.shape != (batch, num_heads, head_dim) or out.stride(-1) != 1:
+        raise ValueError(f"out must be [{batch}, {num_heads}, {head_dim}] with a contiguous last dim")
+    block_d = triton.next_power_of_2(head_dim)
+
+    _decode_split_kernel[(plan.num_tiles, n_split, batch)](
+        q, k_cache, v_cache, lengths, span if span is not None else lengths,
+        plan.tile_cluster, plan.tile_k_head, plan.tile_v_heads, plan.tile_count, plan.tile_slot,
+        opart, mpart, lpart,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        opart.stride(0), opart.stride(1), opart.stride(2),
+        mpart.stride(0), mpart.stride(1),
+        scale * LOG2E, split_len, sinks,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, M=cfg.tile_width, BLOCK_N=cfg.block_n, HAS_SPAN=span is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    _decode_reduce_kernel[(num_heads, batch)](
+        opart, mpart, lpart, plan.slot_of_head, out,
+        opart.stride(0), opart.stride(1), opart.stride(2),
+        mpart.stride(0), mpart.stride(1),
+        out.stride(0), out.stride(1),
+        n_split,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
+        num_warps=4,
+    )  # fmt: skip
+    return out
