@@ -158,6 +158,10 @@ def test_plan_dedupes_shared_v_heads_and_tiles() -> None:
     assert plan.tile_v_heads.flatten().tolist() == [0, 1, 1, 2]
     mha = build_plan(*mapping([3, 2], [0, 1], [0, 1, 2, 3, 4]), tile_width=2)
     assert mha.identity_slots and mha.num_tiles == 3 and mha.tile_count.tolist() == [2, 1, 2]
+    # Auto width: a power of two near the mean slots per cluster, capped.
+    assert build_plan(*mapping([8] * 4, [0, 1, 2, 3], list(range(32)))).tile_width == 8
+    assert build_plan(*mapping([2] * 16, list(range(16)), list(range(32)))).tile_width == 2
+    assert build_plan(*mapping([8] * 4, [0, 1, 2, 3], list(range(32))), cap=2).tile_width == 2
     with pytest.raises(ValueError):
         build_plan(*mapping([3, 2], [0, 1], [0, 1, 2, 3, 4])[:2], torch.arange(4, dtype=torch.int32), tile_width=2)
 
@@ -220,7 +224,7 @@ def test_decode_kernel(case, dtype) -> None:
     scale = 1 / math.sqrt(d)
     want = clustered_decode_reference(q, k, v, lengths, offs, ki, vi, scale, out_dtype=torch.float64)
     configs = [None, DecodeConfig(tile_width=1, block_n=16, min_split=16), DecodeConfig(tile_width=8, block_n=64)]
-    for cfg in configs:
+    for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
         out = torch.full((batch, sum(sizes), d), float("nan"), dtype=dtype, device=DEV)
         got = clustered_decode(q, k, v, lengths, offs, ki, vi, scale, config=cfg, out=out)
@@ -284,7 +288,7 @@ def test_prefill_kernel(case, dtype) -> None:
     configs = [None, PrefillConfig(tile_width=1, block_m=32, block_n=32, num_warps=4)]
     if DEV == "cuda":
         configs.append(PrefillConfig(tile_width=4, block_m=64, block_n=32, num_warps=8))
-    for cfg in configs:
+    for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
         out = torch.full((batch, sum(sizes), seq, d), float("nan"), dtype=dtype, device=DEV)
         got = clustered_prefill(q, k, v, offs, ki, vi, scale, causal, config=cfg, out=out)

@@ -51,6 +51,10 @@ def require_triton() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+# Columns of the packed per-tile table (one int32 row per tile; one pointer argument).
+T_CLUSTER, T_KHEAD, T_COUNT, T_SLOT, T_VHEADS = 0, 1, 2, 3, 4
+
+
 @dataclass(frozen=True)
 class ClusterPlan:
     num_heads: int
@@ -61,17 +65,35 @@ class ClusterPlan:
     max_k_head: int
     max_v_head: int
     identity_slots: bool  # slot i is head i: outputs can be written in place
-    tile_cluster: torch.Tensor  # [NT] int32
-    tile_k_head: torch.Tensor  # [NT] int32
-    tile_v_heads: torch.Tensor  # [NT, tile_width] int32, padded with 0
-    tile_count: torch.Tensor  # [NT] int32 valid entries of tile_v_heads
-    tile_slot: torch.Tensor  # [NT] int32 first slot of the tile (its slots are consecutive)
+    tiles: torch.Tensor  # [NT, 4 + tile_width] int32: cluster, K head, count, first slot, V heads (0-padded)
     slot_of_head: torch.Tensor  # [H] int32
     sources: tuple[torch.Tensor, ...] = ()  # keeps the keyed tensors alive so their pointers stay unique
 
+    @property
+    def tile_cluster(self) -> torch.Tensor:
+        return self.tiles[:, T_CLUSTER]
+
+    @property
+    def tile_count(self) -> torch.Tensor:
+        return self.tiles[:, T_COUNT]
+
+    @property
+    def tile_v_heads(self) -> torch.Tensor:
+        return self.tiles[:, T_VHEADS:]
+
+
+def auto_tile_width(num_slots: int, num_clusters: int, cap: int = 8) -> int:
+    """Power of two near the mean slots per cluster: lanes of a tile past its cluster stay idle."""
+    mean = num_slots / num_clusters
+    return max(1, min(cap, 1 << max(0, round(math.log2(mean)))))
+
 
 def build_plan(
-    cluster_offsets: torch.Tensor, k_head_index: torch.Tensor, v_head_index: torch.Tensor, tile_width: int
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    tile_width: int | None = None,
+    cap: int = 8,
 ) -> ClusterPlan:
     offs = [int(x) for x in cluster_offsets.tolist()]
     kidx = [int(x) for x in k_head_index.tolist()]
@@ -89,38 +111,35 @@ def build_plan(
     slot_ids: dict[tuple[int, int], int] = {}
     slot_vhead: list[int] = []
     slot_of_head: list[int] = []
-    tiles: list[tuple[int, list[int], int]] = []  # (cluster, v heads, first slot)
+    first_slot: list[int] = []
     for c in range(num_clusters):
-        first = len(slot_vhead)
+        first_slot.append(len(slot_vhead))
         for i in range(offs[c], offs[c + 1]):
             key = (c, vidx[i])
             if key not in slot_ids:
                 slot_ids[key] = len(slot_vhead)
                 slot_vhead.append(vidx[i])
             slot_of_head.append(slot_ids[key])
-        for s in range(first, len(slot_vhead), tile_width):
-            tiles.append((c, slot_vhead[s : s + tile_width], s))
+    first_slot.append(len(slot_vhead))
+    width = tile_width or auto_tile_width(len(slot_vhead), num_clusters, cap)
+    rows = []
+    for c in range(num_clusters):
+        for s in range(first_slot[c], first_slot[c + 1], width):
+            heads = slot_vhead[s : min(s + width, first_slot[c + 1])]
+            rows.append([c, kidx[c], len(heads), s] + heads + [0] * (width - len(heads)))
 
     dev = cluster_offsets.device
-
-    def i32(x: list) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.int32, device=dev)
-
     return ClusterPlan(
         num_heads=len(vidx),
         num_clusters=num_clusters,
-        tile_width=tile_width,
-        num_tiles=len(tiles),
+        tile_width=width,
+        num_tiles=len(rows),
         num_slots=len(slot_vhead),
         max_k_head=max(kidx),
         max_v_head=max(vidx),
         identity_slots=slot_of_head == list(range(len(vidx))),
-        tile_cluster=i32([t[0] for t in tiles]),
-        tile_k_head=i32([kidx[t[0]] for t in tiles]),
-        tile_v_heads=i32([t[1] + [0] * (tile_width - len(t[1])) for t in tiles]),
-        tile_count=i32([len(t[1]) for t in tiles]),
-        tile_slot=i32([t[2] for t in tiles]),
-        slot_of_head=i32(slot_of_head),
+        tiles=torch.tensor(rows, dtype=torch.int32, device=dev),
+        slot_of_head=torch.tensor(slot_of_head, dtype=torch.int32, device=dev),
         sources=(cluster_offsets, k_head_index, v_head_index),
     )
 
@@ -129,20 +148,33 @@ _PLANS: dict[tuple, ClusterPlan] = {}
 
 
 def get_plan(
-    cluster_offsets: torch.Tensor, k_head_index: torch.Tensor, v_head_index: torch.Tensor, tile_width: int
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    tile_width: int | None = None,
+    cap: int = 8,
 ) -> ClusterPlan:
     """Cached build_plan. The mapping is fixed at export, so the host sync happens once per layer.
 
     Keyed on the tensors' storage pointers and in-place version counters; the plan holds a
     reference to them, so a pointer cannot be reused by another tensor while the entry lives.
     """
-    key = tuple((t.data_ptr(), t._version, t.numel()) for t in (cluster_offsets, k_head_index, v_head_index))
-    key += (tile_width, str(cluster_offsets.device))
+    key = (
+        cluster_offsets.data_ptr(),
+        k_head_index.data_ptr(),
+        v_head_index.data_ptr(),
+        cluster_offsets._version,
+        k_head_index._version,
+        v_head_index._version,
+        v_head_index.numel(),
+        tile_width,
+        cap,
+    )
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        plan = _PLANS[key] = build_plan(cluster_offsets, k_head_index, v_head_index, tile_width)
+        plan = _PLANS[key] = build_plan(cluster_offsets, k_head_index, v_head_index, tile_width, cap)
     return plan
 
 
@@ -153,14 +185,11 @@ def get_plan(
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Lengths, Span,
-    TileCluster, TileKHead, TileVHeads, TileCount, TileSlot,
-    Opart, Mpart, Lpart,
+    Q, K, V, Lengths, Span, Tiles, Work,
     stride_qb, stride_qc,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_os, stride_op,
-    stride_mb, stride_ms,
+    num_slots, num_splits, ml_offset,
     qk_scale, split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SPAN: tl.constexpr,
@@ -169,10 +198,11 @@ def _decode_split_kernel(
     split = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 for 16 GiB caches
 
-    c = tl.load(TileCluster + tile)
-    kh = tl.load(TileKHead + tile).to(tl.int64)
-    count = tl.load(TileCount + tile)
-    slot0 = tl.load(TileSlot + tile)
+    row = Tiles + tile * (4 + M)
+    c = tl.load(row)
+    kh = tl.load(row + 1).to(tl.int64)
+    count = tl.load(row + 2)
+    slot0 = tl.load(row + 3)
     length = tl.load(Lengths + b)
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -180,7 +210,7 @@ def _decode_split_kernel(
     offs_m = tl.arange(0, M)
     dmask = offs_d < HEAD_DIM  # constexpr-true when BLOCK_D == HEAD_DIM
     m_valid = offs_m < count
-    vh = tl.load(TileVHeads + tile * M + offs_m).to(tl.int64)
+    vh = tl.load(row + 4 + offs_m).to(tl.int64)
 
     if HAS_SPAN:
         # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
@@ -223,21 +253,19 @@ def _decode_split_kernel(
         acc = acc * alpha + tl.sum(p[None, :, None] * v.to(tl.float32), 1)
         m_i = m_new
 
-    slot = (slot0 + offs_m).to(tl.int64)
-    o_ptrs = Opart + b * stride_ob + slot[:, None] * stride_os + split * stride_op + offs_d[None, :]
-    tl.store(o_ptrs, acc, mask=m_valid[:, None] & dmask[None, :])
-    ml_off = b * stride_mb + slot * stride_ms + split
-    tl.store(Mpart + ml_off, tl.zeros([M], tl.float32) + m_i, mask=m_valid)
-    tl.store(Lpart + ml_off, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
+    # Workspace (fp32): partial accumulators [B, slots, splits, D] (ml_offset elements), then the
+    # running maxima [B, slots, splits], then the sums [B, slots, splits].
+    part = (b * num_slots + slot0 + offs_m) * num_splits + split
+    tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & dmask[None, :])
+    tl.store(Work + ml_offset + part, tl.zeros([M], tl.float32) + m_i, mask=m_valid)
+    tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    Opart, Mpart, Lpart, SlotOfHead, Out,
-    stride_ob, stride_os, stride_op,
-    stride_mb, stride_ms,
+    Work, SlotOfHead, Out,
     stride_outb, stride_outh,
-    num_splits,
+    num_slots, num_splits, ml_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
@@ -246,7 +274,9 @@ def _decode_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, BLOCK_S)
     dmask = offs_d < HEAD_DIM
-    ml_base = b * stride_mb + slot * stride_ms
+    ml_base = (b * num_slots + slot) * num_splits
+    Mpart = Work + ml_offset
+    Lpart = Mpart + ml_offset // HEAD_DIM
 
     # Pass 1: global max over the splits' maxima (empty splits hold -inf).
     m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
@@ -259,15 +289,13 @@ def _decode_reduce_kernel(
     # Pass 2: rescale and sum the partial accumulators.
     acc = tl.zeros([BLOCK_D], tl.float32)
     l_sum = tl.zeros([BLOCK_S], tl.float32)
-    o_base = Opart + b * stride_ob + slot * stride_os
+    o_base = Work + ml_base * HEAD_DIM
     for s0 in range(0, num_splits, BLOCK_S):
         s = s0 + offs_s
         s_valid = s < num_splits
         w = tl.exp2(tl.load(Mpart + ml_base + s, mask=s_valid, other=float("-inf")) - m_all)
         l_sum += w * tl.load(Lpart + ml_base + s, mask=s_valid, other=0.0)
-        o = tl.load(
-            o_base + s[:, None] * stride_op + offs_d[None, :], mask=s_valid[:, None] & dmask[None, :], other=0.0
-        )
+        o = tl.load(o_base + s[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None] & dmask[None, :], other=0.0)
         acc += tl.sum(w[:, None] * o, 0)
     l_all = tl.sum(l_sum, 0)
     out = acc / tl.where(l_all == 0.0, 1.0, l_all)
@@ -281,13 +309,18 @@ def _decode_reduce_kernel(
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    tile_width: int = 4
-    block_n: int = 32
-    num_warps: int = 4
-    num_stages: int = 3
-    min_split: int = 128  # keys per split at least: partial results stay < 1% of the traffic
-    waves: float = 4.0  # aim for this many programs per SM before splitting stops
+    """Tuning knobs; None means "pick from the tile width" (table from the sweep in docs/benchmarks.md)."""
 
+    tile_width: int | None = None  # V heads per program; None: ~ the mean slots per cluster, at most 8
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int | None = None
+    min_split: int = 64  # keys per split at least: partial results stay a few % of the traffic
+    waves: float = 6.0  # aim for this many programs per SM before splitting stops
+
+
+# tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
+_DECODE_TABLE = {1: (64, 3), 2: (64, 3), 4: (32, 3), 8: (32, 2), 16: (16, 2)}
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -301,18 +334,18 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def default_decode_config(batch: int, num_heads: int, t_max: int) -> DecodeConfig:
-    """Heuristic picked from the sweep in benchmarks/bench_kernels.py (see docs/benchmarks.md)."""
-    return DecodeConfig()
-
-
-def num_splits_for(cfg: DecodeConfig, batch: int, num_tiles: int, t_max: int, sm_count: int) -> tuple[int, int]:
+def num_splits_for(
+    batch: int, num_tiles: int, t_max: int, block_n: int, min_split: int, waves: float, sm_count: int
+) -> tuple[int, int]:
     """(num_splits, split_len): split the sequence until the grid fills the GPU `waves` times."""
-    want = math.ceil(cfg.waves * sm_count / max(1, batch * num_tiles))
-    most = max(1, math.ceil(t_max / cfg.min_split))
+    want = math.ceil(waves * sm_count / max(1, batch * num_tiles))
+    most = max(1, math.ceil(t_max / max(min_split, block_n)))
     n = max(1, min(want, most))
-    split_len = math.ceil(math.ceil(t_max / n) / cfg.block_n) * cfg.block_n
+    split_len = math.ceil(math.ceil(t_max / n) / block_n) * block_n
     return math.ceil(t_max / split_len), split_len
+
+
+_DEFAULT = DecodeConfig()
 
 
 def clustered_decode(
@@ -352,8 +385,7 @@ def clustered_decode(
         raise ValueError("q, k_cache and v_cache must share the head size")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last dim")
-    num_heads = v_head_index.numel()
-    cfg = config or default_decode_config(batch, num_heads, t_max)
+    cfg = config or _DEFAULT
     plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width)
     if plan.num_clusters != num_clusters:
         raise ValueError(f"q has {num_clusters} cluster queries, the mapping {plan.num_clusters} clusters")
@@ -363,12 +395,18 @@ def clustered_decode(
         lengths = lengths.to(torch.int32)
     if span is not None and span.dtype != torch.int32:
         span = span.to(torch.int32)
+    num_heads = plan.num_heads
+    width = plan.tile_width
+    block_n, stages = _DECODE_TABLE.get(width, (16, 2))
+    block_n = cfg.block_n or block_n
+    stages = cfg.num_stages or stages
 
-    n_split, split_len = num_splits_for(cfg, batch, plan.num_tiles, max_length or t_max, _sm_count(q.device))
     dev = q.device
-    opart = torch.empty(batch, plan.num_slots, n_split, head_dim, device=dev, dtype=torch.float32)
-    mpart = torch.empty(batch, plan.num_slots, n_split, device=dev, dtype=torch.float32)
-    lpart = torch.empty_like(mpart)
+    n_split, split_len = num_splits_for(
+        batch, plan.num_tiles, max_length or t_max, block_n, cfg.min_split, cfg.waves, _sm_count(dev)
+    )
+    ml_offset = batch * plan.num_slots * n_split * head_dim
+    work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
         out = torch.empty(batch, num_heads, head_dim, device=dev, dtype=q.dtype)
     elif out.shape != (batch, num_heads, head_dim) or out.stride(-1) != 1:
@@ -376,24 +414,19 @@ def clustered_decode(
     block_d = triton.next_power_of_2(head_dim)
 
     _decode_split_kernel[(plan.num_tiles, n_split, batch)](
-        q, k_cache, v_cache, lengths, span if span is not None else lengths,
-        plan.tile_cluster, plan.tile_k_head, plan.tile_v_heads, plan.tile_count, plan.tile_slot,
-        opart, mpart, lpart,
+        q, k_cache, v_cache, lengths, span if span is not None else lengths, plan.tiles, work,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        opart.stride(0), opart.stride(1), opart.stride(2),
-        mpart.stride(0), mpart.stride(1),
+        plan.num_slots, n_split, ml_offset,
         scale * LOG2E, split_len, sinks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, M=cfg.tile_width, BLOCK_N=cfg.block_n, HAS_SPAN=span is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
+        num_warps=cfg.num_warps, num_stages=stages,
     )  # fmt: skip
     _decode_reduce_kernel[(num_heads, batch)](
-        opart, mpart, lpart, plan.slot_of_head, out,
-        opart.stride(0), opart.stride(1), opart.stride(2),
-        mpart.stride(0), mpart.stride(1),
+        work, plan.slot_of_head, out,
         out.stride(0), out.stride(1),
-        n_split,
+        plan.num_slots, n_split, ml_offset,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
         num_warps=4,
     )  # fmt: skip

@@ -55,8 +55,7 @@ def _prefill_inner(
 
 @triton.jit
 def _prefill_kernel(
-    Q, K, V, Out,
-    TileCluster, TileKHead, TileVHeads, TileCount, TileSlot,
+    Q, K, V, Out, Tiles,
     stride_qb, stride_qc, stride_qs,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -68,10 +67,11 @@ def _prefill_kernel(
     mb = tl.program_id(0)
     tile = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    c = tl.load(TileCluster + tile).to(tl.int64)
-    kh = tl.load(TileKHead + tile).to(tl.int64)
-    count = tl.load(TileCount + tile)
-    slot0 = tl.load(TileSlot + tile)
+    row = Tiles + tile * (4 + M)  # cluster, K head, count, first slot, V heads (see ClusterPlan)
+    c = tl.load(row).to(tl.int64)
+    kh = tl.load(row + 1).to(tl.int64)
+    count = tl.load(row + 2)
+    slot0 = tl.load(row + 3)
 
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -82,7 +82,7 @@ def _prefill_kernel(
     member = cols // BLOCK_D
     dim = cols % BLOCK_D
     col_valid = (member < count) & (dim < HEAD_DIM)
-    vh = tl.load(TileVHeads + tile * M + member).to(tl.int64)
+    vh = tl.load(row + 4 + member).to(tl.int64)
     v_cols = vh * stride_vh + dim
 
     q = tl.load(
@@ -122,16 +122,13 @@ def _prefill_kernel(
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    tile_width: int = 2
+    """Defaults from the sweep in docs/benchmarks.md (H100, d=128, bf16)."""
+
+    tile_width: int | None = None  # None: 2, or 1 when every cluster reads a single V head
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
-    num_stages: int = 2
-
-
-def default_prefill_config(head_dim: int) -> PrefillConfig:
-    """Heuristic picked from the sweep in benchmarks/bench_kernels.py (see docs/benchmarks.md)."""
-    return PrefillConfig()
+    num_stages: int = 3
 
 
 def clustered_prefill(
@@ -161,10 +158,11 @@ def clustered_prefill(
         raise ValueError("q, k and v must share the head size")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a contiguous last dim")
-    cfg = config or default_prefill_config(head_dim)
+    cfg = config or PrefillConfig()
     if cfg.block_m % cfg.block_n:
         raise ValueError("block_m must be a multiple of block_n (the causal diagonal is walked in block_n steps)")
-    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width)
+    # Two V heads per program: a [BLOCK_M, 2 * d] fp32 accumulator is what fits in registers.
+    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width, cap=2)
     if plan.num_clusters != num_clusters:
         raise ValueError(f"q has {num_clusters} cluster queries, the mapping {plan.num_clusters} clusters")
     if plan.max_k_head >= k.shape[1] or plan.max_v_head >= v.shape[1]:
@@ -181,14 +179,13 @@ def clustered_prefill(
     block_d = triton.next_power_of_2(head_dim)
     grid = (triton.cdiv(seq_len, cfg.block_m), plan.num_tiles, batch)
     _prefill_kernel[grid](
-        q, k, v, dst,
-        plan.tile_cluster, plan.tile_k_head, plan.tile_v_heads, plan.tile_count, plan.tile_slot,
+        q, k, v, dst, plan.tiles,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dst.stride(0), dst.stride(1), dst.stride(2),
         scale * LOG2E, seq_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, M=cfg.tile_width,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, M=plan.tile_width,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no tf32 rounding
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
