@@ -105,6 +105,7 @@ def make_mapping(sizes: list[int], v_heads: list[int], k_heads: list[int] | None
         offs.append(offs[-1] + s)
     k_heads = k_heads if k_heads is not None else list(range(len(sizes)))
     kept = len(set(k_heads))
+    cl = [c for c, n in enumerate(sizes) for _ in range(n)]
     return {
         "offsets": torch.tensor(offs, dtype=torch.int32, device=DEVICE),
         "k_index": torch.tensor(k_heads, dtype=torch.int32, device=DEVICE),
@@ -112,6 +113,8 @@ def make_mapping(sizes: list[int], v_heads: list[int], k_heads: list[int] | None
         "sizes": sizes,
         "k_heads_kept": kept,
         "v_heads": len(set(v_heads)),
+        # distinct (cluster, V head) pairs: GQA heads of one cluster on one V head have equal outputs
+        "slots": len(set(zip(cl, v_heads, strict=True))),
     }
 
 
@@ -280,9 +283,12 @@ DECODE_SWEEP_FULL = [
     ]
 ]
 
-DECODE_SWEEP = [DecodeConfig(waves=w) for w in (4.0, 6.0, 8.0, 12.0)] + [
-    DecodeConfig(tile_width=4, waves=6.0),
-    DecodeConfig(num_warps=8, waves=6.0),
+DECODE_SWEEP = [DecodeConfig(waves=w) for w in (4.0, 8.0, 16.0)] + [
+    DecodeConfig(num_stages=4),
+    DecodeConfig(num_stages=2),
+    DecodeConfig(block_n=64),
+    DecodeConfig(block_n=128, num_stages=2),
+    DecodeConfig(min_split=256),
 ]
 
 PREFILL_SWEEP_FULL = [
@@ -401,7 +407,7 @@ def overhead_section(results: dict, save: Callable[[], None]) -> None:
 
 
 def prefill_flops(batch: int, s: int, c: int, h: int) -> float:
-    """Causal: scores for the C reps, P.V for the H heads (2 flops per MAC, half the square)."""
+    """Causal: scores for the C reps, P.V for h distinct (cluster, V head) pairs; 2 flops per MAC."""
     return 2.0 * batch * (c + h) * s * s * D / 2
 
 
@@ -455,8 +461,8 @@ def prefill_section(results: dict, save: Callable[[], None]) -> None:
         "fused_ms": tf,
         "sdpa_ms": t_dense,
         "speedup": t_dense / tf,
-        "flop_ratio": dense_flops / prefill_flops(batch, s, 4, H),
-        "fused_tflops": prefill_flops(batch, s, 4, H) / tf / 1e9,
+        "flop_ratio": dense_flops / prefill_flops(batch, s, 4, m["slots"]),
+        "fused_tflops": prefill_flops(batch, s, 4, m["slots"]) / tf / 1e9,
         "sdpa_tflops": dense_flops / t_dense / 1e9,
     }
     rows.append(r)

@@ -286,7 +286,7 @@ def test_prefill_kernel(case, dtype) -> None:
     scale = 1 / math.sqrt(d)
     want = clustered_prefill_reference(q, k, v, offs, ki, vi, scale, causal, out_dtype=torch.float64)
     configs = [None, PrefillConfig(tile_width=1, block_m=32, block_n=32, num_warps=4)]
-    if DEV == "cuda":
+    if DEV == "cuda" and dtype == torch.bfloat16:  # fp32 tiles this wide exceed shared memory
         configs.append(PrefillConfig(tile_width=4, block_m=64, block_n=32, num_warps=8))
     for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()

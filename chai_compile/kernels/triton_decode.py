@@ -262,6 +262,101 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _decode_split_dot_kernel(
+    Q, K, V, Lengths, Span, Tiles, Work,
+    stride_qb, stride_qc,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    num_slots, num_splits, ml_offset,
+    qk_scale, split_len, sinks,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Same contract as _decode_split_kernel, on tensor cores.
+
+    The query is replicated to the 16 rows an MMA needs (all rows equal; row 0 is kept), so the
+    score and P.V products are tl.dot calls whose operand loads Triton pipelines (cp.async)
+    across key blocks; the tile's V heads sit side by side as one [BLOCK_N, M * BLOCK_D] operand.
+    """
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    row = Tiles + tile * (4 + M)
+    c = tl.load(row)
+    kh = tl.load(row + 1).to(tl.int64)
+    count = tl.load(row + 2)
+    slot0 = tl.load(row + 3)
+    length = tl.load(Lengths + b)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, 16)
+    dmask = offs_d < HEAD_DIM
+    cols = tl.arange(0, M * BLOCK_D)  # member j's dims at [j * BLOCK_D, (j + 1) * BLOCK_D)
+    member = cols // BLOCK_D
+    dim = cols % BLOCK_D
+    col_valid = (member < count) & (dim < HEAD_DIM)
+    vh = tl.load(row + 4 + member).to(tl.int64)
+    # Each member's BLOCK_D columns are contiguous and start 16-byte aligned (stride_vh % 8 == 0 is
+    # checked at launch): the hints keep the V loads vectorised and eligible for cp.async.
+    v_cols = tl.max_contiguous(tl.multiple_of(vh * stride_vh + dim, 8), BLOCK_D)
+
+    if HAS_SPAN:
+        span_start = tl.load(Span + b * 2)
+        span_end = tl.load(Span + b * 2 + 1)
+        a = tl.minimum(sinks, length)
+        s0 = tl.maximum(span_start, a)
+        e0 = tl.minimum(span_end, length)
+        length = a + tl.maximum(e0 - s0, 0)
+
+    q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0)
+    q16 = tl.broadcast_to(q[None, :], (16, BLOCK_D))
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_vb
+
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, length)
+    m_i = tl.full([16], float("-inf"), tl.float32)
+    l_i = tl.zeros([16], tl.float32)
+    acc = tl.zeros([16, M * BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_valid = n < hi
+        if HAS_SPAN:
+            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
+        else:
+            t = n.to(tl.int64)
+        k = tl.load(
+            k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
+        )
+        s = tl.dot(q16, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + t[:, None] * stride_vt + v_cols[None, :], mask=n_valid[:, None] & col_valid[None, :], other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    first = rows[:, None] == 0
+    o = tl.sum(tl.where(first, acc, 0.0), 0)  # [M * BLOCK_D], exact: one nonzero term per column
+    m_row = tl.max(m_i, 0)
+    l_row = tl.max(l_i, 0)
+    # Same workspace layout as _decode_split_kernel.
+    part = (b * num_slots + slot0 + member) * num_splits + split
+    tl.store(Work + part * HEAD_DIM + dim, o, mask=col_valid)
+    offs_m = tl.arange(0, M)
+    m_valid = offs_m < count
+    part_m = (b * num_slots + slot0 + offs_m) * num_splits + split
+    tl.store(Work + ml_offset + part_m, tl.zeros([M], tl.float32) + m_row, mask=m_valid)
+    tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part_m, tl.zeros([M], tl.float32) + l_row, mask=m_valid)
+
+
+@triton.jit
 def _decode_reduce_kernel(
     Work, SlotOfHead, Out,
     stride_outb, stride_outh,
@@ -316,7 +411,8 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int | None = None
     min_split: int = 64  # keys per split at least: partial results stay a few % of the traffic
-    waves: float = 6.0  # aim for this many programs per SM before splitting stops
+    waves: float = 8.0  # aim for this many programs per SM before splitting stops
+    use_dot: bool = False  # tensor-core variant (_decode_split_dot_kernel)
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -413,7 +509,10 @@ def clustered_decode(
         raise ValueError(f"out must be [{batch}, {num_heads}, {head_dim}] with a contiguous last dim")
     block_d = triton.next_power_of_2(head_dim)
 
-    _decode_split_kernel[(plan.num_tiles, n_split, batch)](
+    use_dot = cfg.use_dot and v_cache.stride(1) % 8 == 0 and v_cache.stride(0) % 8 == 0
+    kernel = _decode_split_dot_kernel if use_dot else _decode_split_kernel
+    extra = {"DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"} if use_dot else {}
+    kernel[(plan.num_tiles, n_split, batch)](
         q, k_cache, v_cache, lengths, span if span is not None else lengths, plan.tiles, work,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -421,7 +520,7 @@ def clustered_decode(
         plan.num_slots, n_split, ml_offset,
         scale * LOG2E, split_len, sinks,
         HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
-        num_warps=cfg.num_warps, num_stages=stages,
+        num_warps=cfg.num_warps, num_stages=stages, **extra,
     )  # fmt: skip
     _decode_reduce_kernel[(num_heads, batch)](
         work, plan.slot_of_head, out,

@@ -63,6 +63,7 @@ def _prefill_kernel(
     qk_scale, seq_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):  # fmt: skip
     mb = tl.program_id(0)
     tile = tl.program_id(1)
@@ -83,7 +84,11 @@ def _prefill_kernel(
     dim = cols % BLOCK_D
     col_valid = (member < count) & (dim < HEAD_DIM)
     vh = tl.load(row + 4 + member).to(tl.int64)
+    # Each member's BLOCK_D columns are contiguous and 16-byte aligned (stride_vh % 8 == 0, checked at
+    # launch): without the hints the gathered V loads are scalar and cannot use cp.async.
     v_cols = vh * stride_vh + dim
+    if ALIGNED:
+        v_cols = tl.max_contiguous(tl.multiple_of(v_cols, 8), BLOCK_D)
 
     q = tl.load(
         Q + b * stride_qb + c * stride_qc + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
@@ -131,6 +136,9 @@ class PrefillConfig:
     num_stages: int = 3
 
 
+_DEFAULT = PrefillConfig()
+
+
 def clustered_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,7 +166,11 @@ def clustered_prefill(
         raise ValueError("q, k and v must share the head size")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k and v need a contiguous last dim")
-    cfg = config or PrefillConfig()
+    if config is None:
+        # fp32 or d > 128: the bf16 tiles would not fit in shared memory; halve them.
+        big = q.element_size() > 2 or head_dim > 128
+        config = PrefillConfig(block_m=64, block_n=32, num_warps=4, num_stages=2) if big else _DEFAULT
+    cfg = config
     if cfg.block_m % cfg.block_n:
         raise ValueError("block_m must be a multiple of block_n (the causal diagonal is walked in block_n steps)")
     # Two V heads per program: a [BLOCK_M, 2 * d] fp32 accumulator is what fits in registers.
@@ -188,6 +200,7 @@ def clustered_prefill(
         HEAD_DIM=head_dim, BLOCK_D=block_d, M=plan.tile_width,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no tf32 rounding
+        ALIGNED=v.stride(0) % 8 == 0 and v.stride(1) % 8 == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if plan.identity_slots:
