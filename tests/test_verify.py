@@ -357,19 +357,113 @@ def test_bad_input_exit_code_in_a_real_process(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "unknown task 'nope'" in p.stderr
 
 
-def test_sweep_plot_and_json(tmp_path, monkeypatch):
+def _halves_mapping(info) -> ClusterMapping:
+    """Layers 1.. share scores in two clusters with representatives 0 and 4: on the GQA model (2 query
+    heads per KV head) the K cache keeps KV heads 0 and 2 of 4 in those layers."""
+    halves = (Cluster(tuple(range(0, 4)), 0), Cluster(tuple(range(4, 8)), 4))
+    layers = [LayerMapping(0, "dense")] + [LayerMapping(i, "clustered", halves) for i in range(1, info.num_layers)]
+    return ClusterMapping.build(info, layers, {"kind": "test-halves"})
+
+
+def test_verify_end_to_end_with_the_rewrite(tmp_path):
+    pytest.importorskip("chai_compile.rewrite")
+    mp = _halves_mapping(_stories_info()).write(tmp_path / "halves.json")
+    out = tmp_path / "v"
+    r = _run(["verify", str(STORIES), "--mapping", str(mp), "--tasks", "copa,lambada,wikitext2", "--limit", "6",
+              "--batch-size", "4", "--window", "32", "--kv-tokens", "16", "--data-dir", str(EVAL),
+              "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "verify.json").read_text())
+    point = res["points"][0]
+    # K of 1 + 4 * 2 = 12 of 20 layer-heads, V whole: (12 + 20) / 40 of the native cache
+    assert res["original"]["kv_cache"]["bytes_per_token"] == 1280
+    assert point["kv_cache"]["bytes_per_token"] == 1024 and point["kv_cache_saving_pct"] == pytest.approx(20.0)
+    assert point["flops"]["saving_pct"]["scores"] > 0
+    assert set(point["comparison"]) == {"copa", "lambada", "wikitext2"}
+    assert point["tasks"]["wikitext2"]["ppl"] != res["original"]["tasks"]["wikitext2"]["ppl"]
+    md = (out / "verify.md").read_text()
+    assert "| copa | acc |" in md and "20.00%" in md and (out / "verify.png").stat().st_size > 0
+
+
+def test_identity_mapping_changes_nothing(stories):
+    pytest.importorskip("chai_compile.rewrite")
+    info = model_info(adapter_for(stories.model))
+    tasks = [load_task("copa", data_dir=EVAL)]
+    res = compare_mod.compare_loaded(stories, [("identity", ClusterMapping.identity(info))], tasks, limit=8,
+                                     kv_tokens=8)
+    c = res["points"][0]["comparison"]["copa"]
+    assert c["agreement"] == 1.0 and c["acc"]["delta"] == 0 and res["points"][0]["kv_cache_saving_pct"] == 0
+
+
+class _NumpyBackend:
+    """Another engine, as an ONNX Runtime session would be plugged in: numpy logits for every position."""
+
+    name = "numpy"
+
+    def __init__(self, model):
+        self.model, self.max_length = model, 256
+
+    def logits(self, input_ids, attention_mask, first):
+        with torch.no_grad():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.numpy()
+
+
+def test_any_logits_backend_scores_the_same(tiny):
+    task = load_task("copa", data_dir=EVAL)
+    p = prepare(task, tiny.tokenizer, tiny.model, limit=6)
+    a = score(tiny.model, p, tiny.tokenizer, batch_size=4)
+    b = score(_NumpyBackend(tiny.model), p, tiny.tokenizer, batch_size=4)
+    assert a["predictions"] == b["predictions"] and a["acc_norm"] == b["acc_norm"]
+    with pytest.raises(TypeError, match="LogitsBackend"):
+        score(object(), p, tiny.tokenizer)
+
+
+def test_sweep_from_a_profile(tmp_path):
+    pytest.importorskip("chai_compile.rewrite")
+    prof = tmp_path / "prof"
+    r = _run(["profile", str(STORIES), "--samples", "4", "--seq-len", "32", "--out", str(prof)])
+    assert r.exit_code == 0, r.output
+    r = _run(["sweep", str(STORIES), "--profile", str(prof), "--clusters", "2,4", "--dense-prefix", "0,2",
+              "--tasks", "copa", "--limit", "5", "--kv-tokens", "8", "--data-dir", str(EVAL),
+              "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    labels = {p["label"] for p in res["points"]}
+    assert labels == {"profile-default", "c2-dense0", "c2-dense2", "c4-dense0", "c4-dense2"}
+    by = {p["label"]: p for p in res["points"]}
+    assert by["c2-dense0"]["mapping_summary"]["clustered_layers"] == 5
+    assert by["c2-dense2"]["mapping_summary"]["clustered_layers"] == 3
+    savings = [p["kv_cache_saving_pct"] for p in res["points"]]
+    assert savings == sorted(savings) and all(0 <= s < 50 for s in savings)  # V is never cut
+    for p in res["points"]:
+        assert p["average_accuracy_change_points"] is not None
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 0
+    assert "| c2-dense0 |" in (tmp_path / "s" / "sweep.md").read_text()
+
+
+def test_sweep_of_mapping_files(tmp_path, monkeypatch):
     info = _stories_info()
     d = tmp_path / "maps"
     _paired_mapping(info).write(d / "pairs" / "mapping.json")
     ClusterMapping.identity(info).write(d / "identity.json")
     (d / "notes.json").write_text("{}")  # other JSON in the folder is skipped
     monkeypatch.setattr(compare_mod, "build_chai", _perturbed)
-    r = _run(["sweep", str(STORIES), "--mappings", str(d), "--tasks", "copa,lambada", "--limit", "6",
-              "--data-dir", str(EVAL), "--out", str(tmp_path / "s")])
+    r = _run(["sweep", str(STORIES), "--mappings", str(d), "--tasks", "copa", "--limit", "3",
+              "--kv-tokens", "8", "--data-dir", str(EVAL), "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "s" / "sweep.json").read_text())
-    assert [p["label"] for p in res["points"]] == ["identity", "pairs"] or len(res["points"]) == 2
-    for p in res["points"]:
-        assert p["average_accuracy_change_points"] is not None and "kv_cache_saving_pct" in p
-    assert (tmp_path / "s" / "sweep.png").stat().st_size > 0
-    assert "| original |" in (tmp_path / "s" / "sweep.md").read_text()
+    assert sorted(p["label"] for p in res["points"]) == ["identity", "pairs"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "sweep needs mappings"),
+    (["--profile", "{tmp}"], "has no mapping.json"),
+    (["--profile", "{tmp}", "--clusters", "2,x"], "--clusters expects comma-separated integers"),
+])
+def test_sweep_bad_input(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = _run(["sweep", str(STORIES), *args, "--tasks", "copa", "--data-dir", str(EVAL),
+              "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2, r.output
+    err = [ln for ln in r.output.splitlines() if "error" in ln.lower()]
+    assert len(err) == 1 and needle in err[0], r.output

@@ -117,28 +117,62 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
         raise ValidationFailed(f"CHAI exceeds --max-drop {max_drop:g}: " + "; ".join(violations))
 
 
+def _int_list(text: str | None, option: str) -> list[int]:
+    from chai_compile.errors import ClusteringError
+
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ClusteringError(f"{option} expects comma-separated integers", value=text,
+                              fix=f"e.g. {option} 2,3,4") from None
+
+
 @click.command()
 @click.argument("model")
-@click.option("--mappings", "mapping_paths", multiple=True, required=True, type=click.Path(),
-              help="Mapping files or directories of them (repeatable); each is one point of the curve.")
+@click.option("--profile", "profile_dir", default=None, type=click.Path(),
+              help="A `chai-compile profile` output directory (mapping.json + profile.json); mappings are derived "
+                   "from its similarity at every --clusters x --dense-prefix budget without re-running the model.")
+@click.option("--clusters", "clusters_text", default="2,3,4,6", show_default=True,
+              help="Clusters per clustered layer, comma list (with --profile).")
+@click.option("--dense-prefix", "dense_text", default="0,4,8", show_default=True,
+              help="Number of leading layers kept dense, comma list (with --profile).")
+@click.option("--no-default", is_flag=True, help="Leave out the profile directory's own mapping (knee budget).")
+@click.option("--mappings", "mapping_paths", multiple=True, type=click.Path(),
+              help="Extra mapping files or directories of them (repeatable); each is one point of the curve.")
 @click.option("--out", "out_dir", required=True, type=click.Path(),
               help="Write sweep.json, sweep.md and sweep.png here (must not exist).")
 @_eval_options
-def sweep(model: str, mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None,
-          task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
-          window: int, stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool,
-          as_json: bool) -> None:
-    """Verify several mappings of MODEL and plot measured KV-cache saving against average accuracy change."""
+def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: str, no_default: bool,
+          mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None, task_files: tuple[str, ...],
+          data_dir: str | None, limit: int | None, batch_size: int, membership: str, window: int,
+          stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool, as_json: bool) -> None:
+    """Verify mappings of MODEL at several budgets and plot measured KV-cache saving against accuracy change.
+
+    The original is evaluated once; each mapping is applied to a copy and scored on the same requests.
+    """
+    from chai_compile.errors import MappingError
     from chai_compile.fileio import staged_output_dir
     from chai_compile.verify.report import dumps, sweep_markdown, sweep_plot
-    from chai_compile.verify.sweep import collect_mappings
+    from chai_compile.verify.sweep import collect_mappings, mappings_from_profile
     from chai_compile.verify.sweep import sweep as run_sweep
 
     _check_out(out_dir, overwrite)
+    if not profile_dir and not mapping_paths:
+        raise MappingError("sweep needs mappings", fix="pass --profile PROFILE_DIR and/or --mappings FILE_OR_DIR")
     tasks = _tasks(tasks_text, task_files, data_dir)
-    mappings = collect_mappings(mapping_paths)
+    mappings = []
+    if profile_dir:
+        mappings += mappings_from_profile(profile_dir, _int_list(clusters_text, "--clusters"),
+                                          _int_list(dense_text, "--dense-prefix"), include_default=not no_default)
+    if mapping_paths:
+        mappings += collect_mappings(mapping_paths)
+    _log(f"sweeping {len(mappings)} mappings: {', '.join(label for label, _ in mappings)}")
     result = run_sweep(model, mappings, tasks, limit, batch_size=batch_size, membership=membership, dtype=dtype,
                        device=device, window=window, stride=stride, kv_tokens=kv_tokens, log=_log)
+    if profile_dir:
+        result["profile_dir"] = profile_dir
     md = sweep_markdown(result)
     with staged_output_dir(out_dir, overwrite) as stage:
         (stage / "sweep.json").write_text(dumps(result))

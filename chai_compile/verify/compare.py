@@ -19,15 +19,22 @@ from chai_compile.errors import ChaiError
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import ClusterMapping
 from chai_compile.verify.measure import flops_comparison, measure_kv_cache
-from chai_compile.verify.scoring import Prepared, model_max_length, prepare, score
+from chai_compile.verify.scoring import LogitsBackend, Prepared, model_max_length, prepare, score
 from chai_compile.verify.tasks import Task
 
 # Accuracy-like metrics compare in points (x100), perplexities as % change.
 METRICS = {"multiple_choice": ("acc", "acc_norm"), "last_word": ("acc", "ppl"), "perplexity": ("ppl",)}
+# lm-eval reports only acc where answers are fixed short forms (no/yes; two parallel sentences)
+ACC_ONLY = frozenset({"boolq", "copa"})
 # The metric averaged for the sweep's "average accuracy change" and checked first by --max-drop.
 PRIMARY = {"multiple_choice": "acc", "last_word": "acc", "perplexity": "ppl"}
 
 Log = Callable[[str], None]
+
+
+def task_metrics(name: str, kind: str) -> tuple[str, ...]:
+    """The metrics reported and compared for a task."""
+    return ("acc",) if name in ACC_ONLY else METRICS[kind]
 
 
 class RewriteUnavailable(ChaiError):
@@ -53,7 +60,7 @@ def check_mapping(model: nn.Module, mapping: ClusterMapping) -> None:
     mapping.check_model(model_info(adapter_for(model)))
 
 
-def evaluate(model: nn.Module, tokenizer: Any, prepared: Sequence[Prepared], batch_size: int = 8,
+def evaluate(model: nn.Module | LogitsBackend, tokenizer: Any, prepared: Sequence[Prepared], batch_size: int = 8,
              label: str = "", log: Log | None = None) -> dict[str, dict[str, Any]]:
     """Score every prepared task on `model`; per task the metrics (with per-item predictions) and wall time."""
     results = {}
@@ -61,8 +68,8 @@ def evaluate(model: nn.Module, tokenizer: Any, prepared: Sequence[Prepared], bat
         r = score(model, p, tokenizer, batch_size, label)
         results[p.task.name] = r
         if log:
-            log(f"{p.task.name} [{label}] " + ", ".join(f"{m} {r[m]:.4g}" for m in METRICS[p.task.kind])
-                + f" (n={r['n']}, {r['wall_s']:.1f} s)")
+            shown = ", ".join(f"{m} {r[m]:.4g}" for m in task_metrics(p.task.name, p.task.kind))
+            log(f"{p.task.name} [{label}] {shown} (n={r['n']}, {r['wall_s']:.1f} s)")
     return results
 
 
@@ -72,9 +79,9 @@ def _delta(metric: str, orig: float, chai: float) -> float:
     return 100.0 * (chai - orig)
 
 
-def compare_task(kind: str, orig: dict[str, Any], chai: dict[str, Any]) -> dict[str, Any]:
+def compare_task(metrics: tuple[str, ...], orig: dict[str, Any], chai: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for m in METRICS[kind]:
+    for m in metrics:
         out[m] = {"original": orig[m], "chai": chai[m], "delta": _delta(m, orig[m], chai[m]),
                   "unit": "% change" if m == "ppl" else "points"}
     if "predictions" in orig:  # how often CHAI picks the same answer, a finer signal than acc
@@ -143,6 +150,7 @@ def compare_loaded(
             "wall_s": round(sum(r["wall_s"] for r in orig.values()), 3),
         },
         "task_info": {p.task.name: {"kind": p.task.kind, "source": p.task.source,
+                                    "metrics": list(task_metrics(p.task.name, p.task.kind)),
                                     **{k: v for k, v in p.meta.items()}} for p in prepared},
         "points": [],
     }
@@ -155,7 +163,7 @@ def compare_loaded(
             del chai_model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        comparison = {n: compare_task(kinds[n], orig[n], chai[n]) for n in orig}
+        comparison = {n: compare_task(task_metrics(n, kinds[n]), orig[n], chai[n]) for n in orig}
         out["points"].append({
             "label": label,
             "membership": membership,

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from chai_compile.verify.compare import METRICS, PRIMARY
+from chai_compile.verify.compare import PRIMARY, task_metrics
 
 
 def _fmt(v: Any, metric: str = "") -> str:
@@ -46,7 +46,7 @@ def verify_markdown(result: dict[str, Any]) -> str:
         lines += ["| task | metric | n | original |", "|---|---|---|---|"]
     for task, r in orig["tasks"].items():
         kind = result["task_info"][task]["kind"]
-        for m in METRICS[kind]:
+        for m in task_metrics(task, kind):
             row = f"| {task} | {m} | {r['n']} | {_fmt(r[m], m)} |"
             if point:
                 c = point["comparison"][task]

@@ -20,7 +20,7 @@ import inspect
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -103,10 +103,26 @@ def perplexity_windows(n_tokens: int, max_length: int, stride: int) -> list[tupl
     return windows
 
 
-def prepare(task: Task, tokenizer: Any, model: nn.Module, limit: int | None = None,
+def _encode_prefix(tokenizer: Any, text: str, needed: int) -> list[int]:
+    """The first `needed` tokens of `text`, tokenising only a prefix cut at a line end (with --limit a
+    whole corpus would cost seconds for a few windows). Tokens well before the cut are those of the
+    whole text; the surplus past `needed` absorbs any boundary effect."""
+    chars = needed * 8
+    while chars < len(text):
+        cut = text.find("\n", chars)
+        if cut < 0:
+            break
+        ids = _encode(tokenizer, text[:cut + 1])
+        if len(ids) >= needed + 64:
+            return ids[:needed]
+        chars *= 2
+    return _encode(tokenizer, text)
+
+
+def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit: int | None = None,
             window: int | None = None, stride: int | None = None) -> Prepared:
     """Tokenise `task` for `model`'s context length; `limit` is items, or windows for perplexity."""
-    max_len = model_max_length(model)
+    max_len = model.max_length if not isinstance(model, nn.Module) else model_max_length(model)
     items = task.limited(limit)
     meta: dict[str, Any] = {"max_length": max_len}
     if task.kind == "multiple_choice":
@@ -114,9 +130,10 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module, limit: int | None = No
     elif task.kind == "last_word":
         reqs = [encode_pair(tokenizer, it.context, it.target) for it in items]
     else:
-        ids = [tid for it in items for tid in _encode(tokenizer, it.text)]
         win = min(window or 1024, max_len)
         step = min(stride or win // 2, win)
+        text = "".join(it.text for it in items)
+        ids = _encode_prefix(tokenizer, text, win + step * limit + 1) if limit else _encode(tokenizer, text)
         wins = perplexity_windows(len(ids), win, step)
         if limit is not None:
             wins = wins[:limit]
@@ -125,7 +142,54 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module, limit: int | None = No
     return Prepared(task, reqs, items, meta)
 
 
-# ---- the primitive --------------------------------------------------------------------------
+# ---- backends ------------------------------------------------------------------------------------
+
+@runtime_checkable
+class LogitsBackend(Protocol):
+    """What the harness needs from a model: logits over a right-padded batch.
+
+    The PyTorch model is one backend (`TorchBackend`); an ONNX Runtime session, or any other engine,
+    is another: implement `logits` (return a torch tensor or a numpy array) and `max_length`.
+    """
+
+    name: str
+    max_length: int
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> Any:
+        """[B, T - first, V] logits of positions first..T-1 (ids and mask are [B, T] int64 on CPU).
+
+        `first` lets a backend skip the LM head for positions that predict no scored token; one that
+        cannot may return all T positions ([B, T, V]) instead."""
+        ...
+
+
+class TorchBackend:
+    """A Hugging Face causal LM (original or CHAI-rewritten) as a logits backend."""
+
+    def __init__(self, model: nn.Module, name: str = "torch") -> None:
+        self.model = model
+        self.name = name
+        self.max_length = model_max_length(model)
+        self.device = next(model.parameters()).device
+        self._keep_ok = _accepts_logits_to_keep(model)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"attention_mask": attention_mask.to(self.device), "use_cache": False}
+        if self._keep_ok:  # the LM head is the largest matmul on small models: only where needed
+            kwargs["logits_to_keep"] = torch.arange(first, input_ids.shape[1], device=self.device)
+        out = self.model(input_ids=input_ids.to(self.device), **kwargs).logits
+        return out if self._keep_ok else out[:, first:]
+
+
+def as_backend(model: nn.Module | LogitsBackend) -> LogitsBackend:
+    """An nn.Module is wrapped in a TorchBackend; anything with `logits` and `max_length` is used as is."""
+    if isinstance(model, nn.Module):
+        return TorchBackend(model)
+    if not callable(getattr(model, "logits", None)) or not isinstance(getattr(model, "max_length", None), int):
+        raise TypeError(f"{type(model).__name__} is neither an nn.Module nor a LogitsBackend (logits, max_length)")
+    return model
+
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     try:
@@ -134,22 +198,24 @@ def _accepts_logits_to_keep(model: nn.Module) -> bool:
         return False
 
 
+# ---- the primitive --------------------------------------------------------------------------
+
 @torch.no_grad()
-def loglikelihoods(model: nn.Module, requests: list[Request], batch_size: int = 8, max_length: int | None = None,
-                   pad_id: int = 0, progress: str | None = None) -> list[tuple[float, bool]]:
+def loglikelihoods(model: nn.Module | LogitsBackend, requests: list[Request], batch_size: int = 8,
+                   max_length: int | None = None, pad_id: int = 0,
+                   progress: str | None = None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), greedy match) per request, in request order.
 
     Inputs are (context + continuation)[-(max_length+1):][:-1] as in lm-eval, right-padded; the
-    longest come first so a batch that does not fit fails at once. Logits are computed only
-    for the positions that predict continuation tokens (`logits_to_keep`) when the model allows.
+    longest come first so a batch that does not fit fails at once. Only the positions that predict
+    continuation tokens are asked of the backend.
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    max_length = max_length or model_max_length(model)
-    device = next(model.parameters()).device
-    keep_ok = _accepts_logits_to_keep(model)
+    backend = as_backend(model)
+    max_length = max_length or backend.max_length
     rows = []
     for i, r in enumerate(requests):
         full = (r.context + r.continuation)[-(max_length + 1):]
@@ -168,14 +234,9 @@ def loglikelihoods(model: nn.Module, requests: list[Request], batch_size: int = 
             mask[j, : len(inp)] = 1
         # logits at position p predict token p+1: continuation k of a row is predicted at len-n+k
         starts = [len(inp) - len(cont) for _, inp, cont in batch]
-        lo, hi = min(starts), width
-        kwargs: dict[str, Any] = {"attention_mask": mask.to(device), "use_cache": False}
-        if keep_ok:
-            kwargs["logits_to_keep"] = torch.arange(lo, hi, device=device)
-            offset = lo
-        else:
-            offset = 0
-        logits = model(input_ids=ids.to(device), **kwargs).logits
+        first = min(starts)
+        logits = torch.as_tensor(backend.logits(ids, mask, first))
+        offset = first if logits.shape[1] == width - first else 0  # a backend may return every position
         for j, (i, _inp, cont) in enumerate(batch):
             a = starts[j] - offset
             lp = torch.log_softmax(logits[j, a:a + len(cont)].float(), dim=-1)
@@ -212,7 +273,7 @@ def mc_metrics(items: list[MCItem], lls: list[float]) -> dict[str, Any]:
             "acc_norm_stderr": _stderr(acc_norm, n), "predictions": preds, "predictions_norm": preds_norm}
 
 
-def score(model: nn.Module, prepared: Prepared, tokenizer: Any, batch_size: int = 8,
+def score(model: nn.Module | LogitsBackend, prepared: Prepared, tokenizer: Any, batch_size: int = 8,
           label: str = "") -> dict[str, Any]:
     """Run one prepared task on one model; metrics plus wall time. `predictions*` are per item."""
     task = prepared.task

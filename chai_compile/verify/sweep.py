@@ -55,6 +55,41 @@ def collect_mappings(paths: Sequence[str | Path]) -> list[tuple[str, ClusterMapp
     return out
 
 
+def mappings_from_profile(profile_dir: str | Path, clusters: Sequence[int], dense_prefixes: Sequence[int],
+                          include_default: bool = True) -> list[tuple[str, ClusterMapping]]:
+    """Mappings at every (clusters per layer, first N layers dense) from one `profile` output directory.
+
+    The similarity in profile.json is reused (no model run); method, features and representative
+    choice come from the directory's mapping.json so every point is clustered as `profile` would.
+    With `include_default`, the directory's own mapping (the knee budget) is a point too.
+    """
+    from dataclasses import fields
+
+    from chai_compile.profile import ProfileOptions, budget_options, derive_mapping, load_profile_data
+
+    d = Path(profile_dir)
+    mapping_path, profile_path = d / "mapping.json", d / "profile.json"
+    for f in (mapping_path, profile_path):
+        if not f.is_file():
+            raise MappingError(f"profile directory {d} has no {f.name}",
+                               fix="pass the --out directory of `chai-compile profile`")
+    base_mapping = ClusterMapping.read(mapping_path)
+    try:
+        data = load_profile_data(profile_path, base_mapping)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MappingError(f"{profile_path} is not a chai-compile profile ({type(e).__name__}: {e})",
+                           fix="pass the --out directory of `chai-compile profile`") from None
+    settings = base_mapping.provenance.get("settings") or {}
+    known = {f.name for f in fields(ProfileOptions)} - {"calib", "clusters", "dense_layers"}
+    base = ProfileOptions(**{k: v for k, v in settings.items() if k in known})
+    out = [("profile-default", base_mapping)] if include_default else []
+    out += [(label, derive_mapping(data, opts))
+            for label, opts in budget_options(base, data.model.num_layers, clusters, dense_prefixes)]
+    if not out:
+        raise MappingError("no budgets to sweep", fix="pass --clusters and --dense-prefix")
+    return out
+
+
 def sweep(
     model_spec: str,
     mappings: Sequence[tuple[str, ClusterMapping]],
