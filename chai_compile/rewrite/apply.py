@@ -1,0 +1,52 @@
+"""Apply a ClusterMapping to a loaded model: swap the attention module of every clustered layer."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from chai_compile.adapters import adapter_for
+from chai_compile.fingerprint import model_info
+from chai_compile.mapping import ClusterMapping
+from chai_compile.rewrite.clustered_attention import MEMBERSHIPS, ClusteredAttention, RewriteError
+
+
+def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str = "static") -> nn.Module:
+    """Rewrite `model` in place so each clustered layer computes CHAI attention; returns the model.
+
+    membership="static": the mapping's clusters, frozen (what export uses); Q/K projections hold
+    only representative / kept rows and the K cache only the KV heads some representative reads.
+    membership="dynamic": the paper's online mode: clusters chosen per request from the first 5
+    tokens with the mapping's per-layer counts. The K cache then keeps every KV head (membership
+    is unknown ahead of time), so it saves score compute and Q projection, not memory.
+    Dense layers are left untouched. Raises FingerprintMismatchError when the mapping was
+    profiled on another model, RewriteError for a bad `membership` or an already rewritten model.
+    """
+    if membership not in MEMBERSHIPS:
+        raise RewriteError(f"membership must be one of {', '.join(MEMBERSHIPS)}", value=membership)
+    adapter = adapter_for(model)
+    if any(isinstance(m, ClusteredAttention) for m in model.modules()):
+        raise RewriteError("the model is already rewritten", fix="apply a mapping to an original model")
+    mapping.check_model(model_info(adapter))
+    # Rewritten layers read the masks the decoder builds for eager or sdpa (4D additive or bool, or
+    # None for plain causal); flash/flex attention build other forms, so switch those to sdpa.
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in (None, "eager", "sdpa") and hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")
+
+    # Build every new module before swapping any: adapters read the original modules (e.g. the
+    # scaling of layer 0), and a failure half way must leave the model as it was.
+    layers = adapter.decoder_layers()
+    swaps = []
+    for i, lm in enumerate(mapping.layers):
+        if lm.kind != "clustered":
+            continue
+        old = adapter.attention(i)
+        new = ClusteredAttention(adapter, i, lm, membership=membership)
+        new.train(old.training)
+        name = next(n for n, m in layers[i].named_children() if m is old)
+        swaps.append((layers[i], name, new))
+    for parent, name, new in swaps:
+        setattr(parent, name, new)
+    model.chai_mapping = mapping  # provenance for export and verify; a plain attribute, not state
+    model.chai_membership = membership
+    return model
