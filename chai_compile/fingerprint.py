@@ -31,8 +31,8 @@ def model_info(adapter: ModelAdapter) -> ModelInfo:
         p = adapter.projections(i)
         for w in (p.q_weight, p.k_weight):
             h.update(w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-        qn = p.q_weight.detach().float().view(s.num_heads, -1).norm(dim=1)
-        kn = p.k_weight.detach().float().view(s.num_kv_heads, -1).norm(dim=1)
+        qn = p.q_weight.detach().float().reshape(s.num_heads, -1).norm(dim=1)
+        kn = p.k_weight.detach().float().reshape(s.num_kv_heads, -1).norm(dim=1)
         norms.append(tuple(float(f"{x:.7g}") for x in torch.cat([qn, kn]).cpu().tolist()))
     arch = (adapter.config.architectures or [type(adapter.model).__name__])[0]
     return ModelInfo(
