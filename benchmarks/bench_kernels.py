@@ -618,7 +618,8 @@ def plot(results: dict, path: Path) -> None:
 
     rows = [r for r in results.get("decode", []) if r["label"] == "mha"] + results.get("decode_gqa", [])
     fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.45 * len(rows)), 8), sharex=True)
-    names = [f"{'G' if r['label'].startswith('gqa') else ''}B{r['B']} T{r['T'] // 1024}k C{r['C']}" for r in rows]
+    tag = {"mha": "", "gqa-aligned": "GQA ", "gqa-scattered": "GQA-scat "}
+    names = [f"{tag.get(r['label'], r['label'])}B{r['B']} T{r['T'] // 1024}k C{r['C']}" for r in rows]
     xs = range(len(rows))
     axes[0].bar([x - 0.2 for x in xs], [r["graph"]["speedup_vs_sdpa"] for r in rows], 0.4, label="fused vs SDPA")
     axes[0].bar([x + 0.2 for x in xs], [r["graph"]["unfused_vs_sdpa"] for r in rows], 0.4, label="unfused vs SDPA")
