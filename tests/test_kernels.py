@@ -223,7 +223,13 @@ def test_decode_kernel(case, dtype) -> None:
     v = padded_cache(batch, hv, t_max, d, dtype, lengths, strided=False)
     scale = 1 / math.sqrt(d)
     want = clustered_decode_reference(q, k, v, lengths, offs, ki, vi, scale, out_dtype=torch.float64)
-    configs = [None, DecodeConfig(tile_width=1, block_n=16, min_split=16), DecodeConfig(tile_width=8, block_n=64)]
+    configs = [
+        None,
+        DecodeConfig(tile_width=1, block_n=16, min_split=16),
+        DecodeConfig(tile_width=8, block_n=64),
+        DecodeConfig(tile_width=4, block_n=32, use_dot=True),  # tensor-core kernel on a wide tile
+        DecodeConfig(tile_width=2, use_dot=False),  # FMA kernel where the default picks the dot one
+    ]
     for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
         out = torch.full((batch, sum(sizes), d), float("nan"), dtype=dtype, device=DEV)
