@@ -289,6 +289,8 @@ DECODE_SWEEP = [DecodeConfig(waves=w) for w in (4.0, 8.0, 16.0)] + [
     DecodeConfig(block_n=64),
     DecodeConfig(block_n=128, num_stages=2),
     DecodeConfig(min_split=256),
+    DecodeConfig(use_dot=False),  # FMA kernel everywhere
+    DecodeConfig(use_dot=True),  # tensor-core kernel everywhere
 ]
 
 PREFILL_SWEEP_FULL = [
