@@ -322,3 +322,25 @@ def test_kv_cache_bytes_legacy_tuple():
     assert got == {"key_bytes": 2 * 3 * 5 * 4 * 4, "value_bytes": 2 * 4 * 5 * 4 * 2,
                    "total_bytes": 480 + 320, "per_layer": got["per_layer"]}
     assert got["per_layer"][0]["key_shape"] == [2, 3, 5, 4]
+
+
+# ---- the static path traces (what the ONNX exporter needs) -------------------------------------
+@pytest.mark.parametrize("family,attn", [("llama-gqa", "sdpa"), ("gpt_neox", "eager")])
+def test_static_path_exports_with_dynamic_length(family, attn):
+    orig = tiny_model(family, attn=attn)
+    chai = apply_mapping(copy.deepcopy(orig), paired_mapping(orig))
+
+    class Logits(nn.Module):
+        def __init__(self, m: nn.Module) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.m(ids, use_cache=False).logits
+
+    ids = torch.randint(3, orig.config.vocab_size, (2, 9))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(Logits(chai), (ids,), dynamic_shapes=({1: seq},), strict=False)
+    longer = torch.randint(3, orig.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert torch.allclose(ep.module()(longer), Logits(chai)(longer), atol=1e-5)

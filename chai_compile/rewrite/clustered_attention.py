@@ -280,15 +280,19 @@ class ClusteredAttention(nn.Module):
             q = q.new_zeros(b, self.num_slots, s, d).index_copy(1, self.slot_of_cluster, q)
         # One matmul per slot rank r against K as stored: no K copy, and per-head shapes equal to the
         # eager path's, so the identity mapping reproduces it bit for bit.
-        q = q.view(b, self.num_kept, n, s, d)
         kt = k.transpose(-1, -2)
-        scores = torch.matmul(q[:, :, 0], kt)[:, :, None] if n == 1 else \
-            torch.stack([torch.matmul(q[:, :, r], kt) for r in range(n)], dim=2)
-        probs = masked_softmax(scores.view(b, self.num_slots, s, t).float() * self.scale, mask).to(v.dtype)
+        if n == 1:
+            scores = torch.matmul(q, kt)  # slot j reads kept K head j
+        else:
+            q = q.view(b, self.num_kept, n, s, d)
+            scores = torch.stack([torch.matmul(q[:, :, r], kt) for r in range(n)], dim=2)
+            scores = scores.view(b, self.num_slots, s, t)
+        probs = masked_softmax(scores.float() * self.scale, mask).to(v.dtype)
         if not self.slots_are_heads:
             probs = probs.index_select(1, self.slot_of_head)
-        out = torch.matmul(probs.view(b, self.num_kv_heads, self.group * s, t), v)
-        return out.view(b, self.num_heads, s, d)
+        # Heads of one GQA group share their V: [B, KV, g, S, T] @ [B, KV, 1, T, d], no V copy.
+        out = torch.matmul(probs.unflatten(1, (self.num_kv_heads, self.group)), v.unsqueeze(2))
+        return out.flatten(1, 2)
 
     def _static_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """Fused Triton path: only without a mask (no padding), for decode or a prefill with an empty cache."""
