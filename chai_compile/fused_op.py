@@ -1,0 +1,159 @@
+"""The fused ONNX `ClusteredAttention` node: its contract as constants, and a float64 torch reference.
+
+One node per layer replaces the attention core. Heads are already permuted at export so that cluster c
+is the contiguous head range [cluster_offsets[c], cluster_offsets[c+1]). The exporter, the TensorRT
+plugin (plugins/tensorrt, namespace "chai"), the ONNX Runtime custom op and the tests all read this
+module; plugins/tensorrt/README.md states the same contract in prose.
+
+    P_c   = softmax(q_c K_{k_head_index[c]}^T * scale + mask)
+    out_i = P_{cluster(i)} V_{v_head_index[i]}
+
+Query row s sits at absolute position P+s and attends key j when attention_mask[b, j] == 1 and, with
+causal=1, j <= P+s. A row with no attended key outputs zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+OP_TYPE = "ClusteredAttention"
+DOMAIN = "ai.onnx.contrib"  # TensorRT's ONNX parser ignores the domain; onnxruntime-extensions uses it
+PLUGIN_NAME = OP_TYPE  # TensorRT maps the node to the plugin by op_type == plugin name
+PLUGIN_NAMESPACE = "chai"
+PLUGIN_VERSION = "1"
+
+# Ordered (name, ONNX attribute type). "ints" is a list of integers. Must match the field list declared
+# in plugins/tensorrt/clusteredAttentionPlugin.h (tests/test_tensorrt_plugin.py checks it).
+ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("plugin_namespace", "string"),
+    ("plugin_version", "string"),
+    ("num_heads", "int"),
+    ("num_clusters", "int"),
+    ("num_k_heads", "int"),
+    ("num_v_heads", "int"),
+    ("head_dim", "int"),
+    ("cluster_offsets", "ints"),
+    ("k_head_index", "ints"),
+    ("v_head_index", "ints"),
+    ("scale", "float"),
+    ("causal", "int"),
+)
+ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
+
+# Inputs and outputs, in order, with their shapes (B batch, C clusters, S new tokens, P past tokens).
+INPUTS: tuple[str, ...] = ("query", "key", "value", "past_key", "past_value", "attention_mask")
+OUTPUTS: tuple[str, ...] = ("output", "present_key", "present_value")
+INPUT_SHAPES: dict[str, str] = {
+    "query": "[B, C, S, d]",
+    "key": "[B, Hk, S, d]",
+    "value": "[B, Hv, S, d]",
+    "past_key": "[B, Hk, P, d]",
+    "past_value": "[B, Hv, P, d]",
+    "attention_mask": "[B, P+S]",
+}
+OUTPUT_SHAPES: dict[str, str] = {
+    "output": "[B, S, H*d]",
+    "present_key": "[B, Hk, P+S, d]",
+    "present_value": "[B, Hv, P+S, d]",
+}
+# Float tensors share one type among these (the plugin's supportsFormatCombination enforces it).
+FLOAT_TYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+# attention_mask enters the node as int32: the exporter inserts Cast(to=INT32) after the model's int64
+# mask. Why: int64 plugin I/O is not something every TensorRT release accepts, int32 is. The plugin
+# and the reference also accept int64, but only int32 is part of the contract.
+ATTENTION_MASK_TYPE = "int32"
+
+
+def node_attributes(
+    *,
+    num_heads: int,
+    cluster_offsets: list[int],
+    k_head_index: list[int],
+    v_head_index: list[int],
+    num_k_heads: int,
+    num_v_heads: int,
+    head_dim: int,
+    scale: float,
+    causal: int = 1,
+) -> dict[str, Any]:
+    """The attribute dict of one node, in contract order, checked for consistency."""
+    attrs: dict[str, Any] = {
+        "plugin_namespace": PLUGIN_NAMESPACE,
+        "plugin_version": PLUGIN_VERSION,
+        "num_heads": int(num_heads),
+        "num_clusters": len(cluster_offsets) - 1,
+        "num_k_heads": int(num_k_heads),
+        "num_v_heads": int(num_v_heads),
+        "head_dim": int(head_dim),
+        "cluster_offsets": [int(x) for x in cluster_offsets],
+        "k_head_index": [int(x) for x in k_head_index],
+        "v_head_index": [int(x) for x in v_head_index],
+        "scale": float(scale),
+        "causal": int(causal),
+    }
+    validate_attributes(attrs)
+    return attrs
+
+
+def validate_attributes(attrs: dict[str, Any]) -> None:
+    """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin)."""
+    missing = [n for n in ATTRIBUTE_NAMES if n not in attrs]
+    if missing:
+        raise ValueError(f"ClusteredAttention attributes missing: {missing}")
+    h, c = int(attrs["num_heads"]), int(attrs["num_clusters"])
+    offs = list(attrs["cluster_offsets"])
+    if not 1 <= c <= h:
+        raise ValueError(f"num_clusters must be in [1, num_heads={h}], got {c}")
+    if len(offs) != c + 1 or offs[0] != 0 or offs[-1] != h or any(b <= a for a, b in zip(offs, offs[1:], strict=False)):
+        raise ValueError(f"cluster_offsets must be C+1 strictly increasing values from 0 to {h}, got {offs}")
+    if len(attrs["k_head_index"]) != c or not all(0 <= k < int(attrs["num_k_heads"]) for k in attrs["k_head_index"]):
+        raise ValueError(f"k_head_index must hold {c} indices in [0, num_k_heads), got {attrs['k_head_index']}")
+    if len(attrs["v_head_index"]) != h or not all(0 <= v < int(attrs["num_v_heads"]) for v in attrs["v_head_index"]):
+        raise ValueError(f"v_head_index must hold {h} indices in [0, num_v_heads), got {attrs['v_head_index']}")
+    if int(attrs["causal"]) not in (0, 1):
+        raise ValueError(f"causal must be 0 or 1, got {attrs['causal']}")
+
+
+def clustered_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **attrs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 reference of the node: returns (output [B,S,H*d] float64, present_key, present_value).
+
+    present_* are the exact concatenations in the inputs' dtype. Materialises [B, C, S, P+S] scores:
+    keep shapes small.
+    """
+    validate_attributes(attrs)
+    h = int(attrs["num_heads"])
+    offs = torch.tensor(attrs["cluster_offsets"], dtype=torch.int64)
+    k_idx = torch.tensor(attrs["k_head_index"], dtype=torch.int64, device=key.device)
+    v_idx = torch.tensor(attrs["v_head_index"], dtype=torch.int64, device=value.device)
+    present_key = torch.cat([past_key, key], dim=2)
+    present_value = torch.cat([past_value, value], dim=2)
+    b, _, s, d = query.shape
+    p = past_key.shape[2]
+    t = p + s
+
+    q = query.to(torch.float64)
+    k = present_key.to(torch.float64).index_select(1, k_idx)  # [B, C, T, d]
+    scores = (q @ k.transpose(-1, -2)) * float(attrs["scale"])  # [B, C, S, T]
+    allowed = (attention_mask != 0).to(query.device)[:, None, None, :]  # [B, 1, 1, T]
+    if int(attrs["causal"]):
+        rows = torch.arange(s, device=query.device)[:, None] + p
+        cols = torch.arange(t, device=query.device)[None, :]
+        allowed = allowed & (cols <= rows)[None, None]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no attended key -> zeros
+
+    cluster = torch.repeat_interleave(torch.arange(len(offs) - 1), offs[1:] - offs[:-1]).to(query.device)
+    v = present_value.to(torch.float64).index_select(1, v_idx)  # [B, H, T, d]
+    out = probs.index_select(1, cluster) @ v  # [B, H, S, d]
+    output = out.permute(0, 2, 1, 3).reshape(b, s, h * d)
+    return output, present_key, present_value

@@ -1,0 +1,398 @@
+// CHAI clustered attention: CUDA kernels and the C entry point the TensorRT plugin's enqueue calls.
+// See clusteredAttentionKernel.h for the semantics and the argument layout.
+//
+// Plan of one call:
+//   1. present_key/present_value = concat(past, new) with two strided copies each (cudaMemcpy2DAsync).
+//   2. One block per (batch, cluster, query row, split): the cluster's single query against its single
+//      K head, an online softmax over 64-key chunks in fp32, and P.V for every head of the cluster
+//      (each with its own V head). K is read once per cluster, V once per head: the CHAI byte floor.
+//   3. Decode (S == 1) splits the key range over blocks (flash-decoding) so that small batches still
+//      fill the GPU; a second kernel merges the per-split (max, sum, accumulator) triples.
+// Prefill (S > 1) runs one block per query row over its causal key range: correct, not tiled for
+// speed (each row re-reads K); the decode path is the one tuned here.
+
+#include "clusteredAttentionKernel.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <math.h>
+
+namespace
+{
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 64;              // keys per online-softmax step (must be <= kThreads)
+constexpr int kMaxSplitRows = 1024;     // cap on (query rows x splits): bounds the workspace
+constexpr int kMinKeysPerSplit = 256;   // below this a split costs more in merging than it saves
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float toFloat(float x)
+{
+    return x;
+}
+__device__ __forceinline__ float toFloat(__half x)
+{
+    return __half2float(x);
+}
+__device__ __forceinline__ float toFloat(__nv_bfloat16 x)
+{
+    return __bfloat162float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T fromFloat(float x);
+template <>
+__device__ __forceinline__ float fromFloat<float>(float x)
+{
+    return x;
+}
+template <>
+__device__ __forceinline__ __half fromFloat<__half>(float x)
+{
+    return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float x)
+{
+    return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warpSum(float v)
+{
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Workspace layout for splits > 1: [rows*splits][2] (max, sum) then [rows*splits][gmax*d] accumulators.
+struct SplitScratch
+{
+    float* ml;
+    float* acc;
+};
+
+__device__ __forceinline__ SplitScratch splitScratch(void* ws, int rows, int splits)
+{
+    float* base = static_cast<float*>(ws);
+    return {base, base + 2 * static_cast<size_t>(rows) * splits};
+}
+
+// Scores are kept in the log2 domain (q is pre-multiplied by scale*log2(e)) so exp2f does the softmax.
+template <typename T, typename M>
+__global__ void __launch_bounds__(kThreads)
+    clusteredAttentionKernel(__grid_constant__ const ChaiClusteredAttentionParams p, int splits, int gmax)
+{
+    extern __shared__ float smem[];
+    int const d = p.head_dim;
+    int const S = p.seq_len;
+    int const C = p.num_clusters;
+    int const T_ = p.past_len + S;
+    int const row = blockIdx.x; // ((b*C + c)*S + s)
+    int const s = row % S;
+    int const c = (row / S) % C;
+    int const b = row / (S * C);
+    int const split = blockIdx.y;
+    int const tid = threadIdx.x;
+    int const warp = tid / 32;
+    int const lane = tid % 32;
+
+    int const h0 = p.cluster_offsets[c];
+    int const g = p.cluster_offsets[c + 1] - h0;
+    int const kend = p.causal ? min(T_, p.past_len + s + 1) : T_;
+    int const span = (kend + splits - 1) / splits;
+    int const t0 = split * span;
+    int const t1 = min(kend, t0 + span);
+
+    float* q_s = smem;        // [d]
+    float* p_s = q_s + d;     // [kChunk] scores, then probabilities
+    float* acc_s = p_s + kChunk; // [g*d] fp32 accumulators, element e owned by thread e % kThreads
+
+    T const* q = static_cast<T const*>(p.query) + (static_cast<size_t>(b * C + c) * S + s) * d;
+    float const qscale = p.scale * kLog2e;
+    for (int e = tid; e < d; e += kThreads)
+        q_s[e] = toFloat(q[e]) * qscale;
+    for (int e = tid; e < g * d; e += kThreads)
+        acc_s[e] = 0.f;
+    __syncthreads();
+
+    T const* K = static_cast<T const*>(p.present_key)
+        + static_cast<size_t>(b * p.num_k_heads + p.k_head_index[c]) * T_ * d;
+    T const* Vbase = static_cast<T const*>(p.present_value);
+    M const* mask = static_cast<M const*>(p.attention_mask) + static_cast<size_t>(b) * T_;
+
+    float m = -INFINITY; // running max (log2 domain), identical in every thread
+    float l = 0.f;       // running sum of exp2(score - m)
+    for (int t = t0; t < t1; t += kChunk)
+    {
+        int const n = min(kChunk, t1 - t);
+        // Scores: one warp per key, lanes split the head dimension (coalesced K row reads).
+        for (int kk = warp; kk < n; kk += kWarps)
+        {
+            int const j = t + kk;
+            T const* krow = K + static_cast<size_t>(j) * d;
+            float dot = 0.f;
+            for (int e = lane; e < d; e += 32)
+                dot += q_s[e] * toFloat(krow[e]);
+            dot = warpSum(dot);
+            if (lane == 0)
+                p_s[kk] = mask[j] != 0 ? dot : -INFINITY;
+        }
+        __syncthreads();
+        float cmax = -INFINITY;
+        for (int kk = 0; kk < n; ++kk)
+            cmax = fmaxf(cmax, p_s[kk]);
+        float const m_new = fmaxf(m, cmax);
+        __syncthreads(); // every thread has read the raw scores before they are overwritten
+        if (m_new == -INFINITY)
+            continue; // nothing attended yet (uniform across the block)
+        float const alpha = exp2f(m - m_new); // 0 on the first attended chunk
+        if (tid < n)
+            p_s[tid] = exp2f(p_s[tid] - m_new);
+        __syncthreads();
+        float csum = 0.f;
+        for (int kk = 0; kk < n; ++kk)
+            csum += p_s[kk];
+        l = l * alpha + csum;
+        // P.V for every head of the cluster: threads walk (head, dim) pairs, V rows read coalesced.
+        for (int e = tid; e < g * d; e += kThreads)
+        {
+            int const hi = e / d;
+            int const dd = e - hi * d;
+            T const* v = Vbase + (static_cast<size_t>(b * p.num_v_heads + p.v_head_index[h0 + hi]) * T_ + t) * d + dd;
+            float a = acc_s[e] * alpha;
+#pragma unroll 8
+            for (int kk = 0; kk < n; ++kk)
+                a += p_s[kk] * toFloat(v[static_cast<size_t>(kk) * d]);
+            acc_s[e] = a;
+        }
+        m = m_new;
+        __syncthreads(); // p_s is refilled by the next chunk
+    }
+
+    if (splits == 1)
+    {
+        float const inv = l > 0.f ? 1.f / l : 0.f; // rows with no attended key give zeros
+        T* out = static_cast<T*>(p.output) + (static_cast<size_t>(b) * S + s) * p.num_heads * d;
+        for (int e = tid; e < g * d; e += kThreads)
+            out[static_cast<size_t>(h0) * d + e] = fromFloat<T>(acc_s[e] * inv);
+    }
+    else
+    {
+        SplitScratch const ws = splitScratch(p.workspace, gridDim.x, splits);
+        size_t const slot = static_cast<size_t>(row) * splits + split;
+        if (tid == 0)
+        {
+            ws.ml[2 * slot] = m;
+            ws.ml[2 * slot + 1] = l;
+        }
+        for (int e = tid; e < g * d; e += kThreads)
+            ws.acc[slot * gmax * d + e] = acc_s[e];
+    }
+}
+
+// Merges the splits of one query row: out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    combineSplitsKernel(__grid_constant__ const ChaiClusteredAttentionParams p, int splits, int gmax)
+{
+    int const d = p.head_dim;
+    int const S = p.seq_len;
+    int const C = p.num_clusters;
+    int const row = blockIdx.x;
+    int const s = row % S;
+    int const c = (row / S) % C;
+    int const b = row / (S * C);
+    int const h0 = p.cluster_offsets[c];
+    int const g = p.cluster_offsets[c + 1] - h0;
+    SplitScratch const ws = splitScratch(p.workspace, gridDim.x, splits);
+    size_t const first = static_cast<size_t>(row) * splits;
+
+    float M = -INFINITY;
+    for (int i = 0; i < splits; ++i)
+        M = fmaxf(M, ws.ml[2 * (first + i)]);
+    float L = 0.f;
+    if (M != -INFINITY)
+        for (int i = 0; i < splits; ++i)
+        {
+            float const mi = ws.ml[2 * (first + i)];
+            L += mi == -INFINITY ? 0.f : ws.ml[2 * (first + i) + 1] * exp2f(mi - M);
+        }
+    float const inv = L > 0.f ? 1.f / L : 0.f;
+    T* out = static_cast<T*>(p.output) + (static_cast<size_t>(b) * S + s) * p.num_heads * d;
+    for (int e = threadIdx.x; e < g * d; e += kThreads)
+    {
+        float a = 0.f;
+        if (M != -INFINITY)
+            for (int i = 0; i < splits; ++i)
+            {
+                float const mi = ws.ml[2 * (first + i)];
+                if (mi != -INFINITY)
+                    a += exp2f(mi - M) * ws.acc[(first + i) * gmax * d + e];
+            }
+        out[static_cast<size_t>(h0) * d + e] = fromFloat<T>(a * inv);
+    }
+}
+
+int maxClusterSize(ChaiClusteredAttentionParams const& p)
+{
+    int gmax = 0;
+    for (int c = 0; c < p.num_clusters; ++c)
+        gmax = max(gmax, p.cluster_offsets[c + 1] - p.cluster_offsets[c]);
+    return gmax;
+}
+
+bool validTables(ChaiClusteredAttentionParams const& p)
+{
+    if (p.num_heads < 1 || p.num_heads > CHAI_MAX_HEADS || p.num_clusters < 1 || p.num_clusters > p.num_heads
+        || p.num_k_heads < 1 || p.num_v_heads < 1 || p.head_dim < 1 || p.head_dim > 256)
+        return false;
+    if (p.cluster_offsets[0] != 0 || p.cluster_offsets[p.num_clusters] != p.num_heads)
+        return false;
+    for (int c = 0; c < p.num_clusters; ++c)
+    {
+        if (p.cluster_offsets[c + 1] <= p.cluster_offsets[c])
+            return false;
+        if (p.k_head_index[c] < 0 || p.k_head_index[c] >= p.num_k_heads)
+            return false;
+    }
+    for (int h = 0; h < p.num_heads; ++h)
+        if (p.v_head_index[h] < 0 || p.v_head_index[h] >= p.num_v_heads)
+            return false;
+    return true;
+}
+
+// present[b, h] = [past[b, h] ; cur[b, h]]: rows of (P+S)*d elements, one row per (b, h).
+cudaError_t concatCache(void* present, void const* past, void const* cur, int rowsBH, int P, int S, size_t rowElems,
+    size_t elt, cudaStream_t stream)
+{
+    size_t const pastBytes = static_cast<size_t>(P) * rowElems * elt;
+    size_t const curBytes = static_cast<size_t>(S) * rowElems * elt;
+    size_t const pitch = pastBytes + curBytes;
+    if (pastBytes > 0)
+    {
+        cudaError_t const err = cudaMemcpy2DAsync(present, pitch, past, pastBytes, pastBytes, rowsBH,
+            cudaMemcpyDeviceToDevice, stream);
+        if (err != cudaSuccess)
+            return err;
+    }
+    return cudaMemcpy2DAsync(static_cast<char*>(present) + pastBytes, pitch, cur, curBytes, curBytes, rowsBH,
+        cudaMemcpyDeviceToDevice, stream);
+}
+
+int chooseSplits(ChaiClusteredAttentionParams const& p, int rows, size_t neededPerSlot)
+{
+    if (p.num_splits == 1 || p.workspace == nullptr)
+        return 1;
+    int const T_ = p.past_len + p.seq_len;
+    int const cap = kMaxSplitRows / rows;
+    int splits;
+    if (p.num_splits > 1)
+        splits = p.num_splits;
+    else
+    {
+        if (p.seq_len != 1)
+            return 1; // prefill already has B*C*S blocks
+        int dev = 0;
+        int sms = 132;
+        if (cudaGetDevice(&dev) == cudaSuccess)
+            cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        splits = (2 * sms + rows - 1) / rows;
+        splits = min(splits, (T_ + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+    }
+    splits = min(splits, cap);
+    if (splits <= 1)
+        return 1;
+    if (static_cast<size_t>(rows) * splits * neededPerSlot > p.workspace_bytes)
+        return 1;
+    return splits;
+}
+
+template <typename T, typename M>
+int launch(ChaiClusteredAttentionParams const& p, int rows, int splits, int gmax, size_t smem, cudaStream_t stream)
+{
+    auto kernel = clusteredAttentionKernel<T, M>;
+    if (smem > 48 * 1024
+        && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))
+            != cudaSuccess)
+        return CHAI_ERR_CUDA;
+    kernel<<<dim3(rows, splits), kThreads, smem, stream>>>(p, splits, gmax);
+    if (splits > 1)
+        combineSplitsKernel<T><<<rows, kThreads, 0, stream>>>(p, splits, gmax);
+    return cudaGetLastError() == cudaSuccess ? CHAI_OK : CHAI_ERR_CUDA;
+}
+
+template <typename T>
+int launchForMask(ChaiClusteredAttentionParams const& p, int rows, int splits, int gmax, size_t smem,
+    cudaStream_t stream)
+{
+    if (p.mask_dtype == CHAI_MASK_INT64)
+        return launch<T, int64_t>(p, rows, splits, gmax, smem, stream);
+    return launch<T, int32_t>(p, rows, splits, gmax, smem, stream);
+}
+
+} // namespace
+
+extern "C" CHAI_API size_t chaiClusteredAttentionParamsSize(void)
+{
+    return sizeof(ChaiClusteredAttentionParams);
+}
+
+extern "C" CHAI_API size_t chaiClusteredAttentionWorkspaceSize(ChaiClusteredAttentionParams const* params)
+{
+    if (params == nullptr || !validTables(*params))
+        return 0;
+    size_t const perSlot = (2 + static_cast<size_t>(maxClusterSize(*params)) * params->head_dim) * sizeof(float);
+    return kMaxSplitRows * perSlot;
+}
+
+extern "C" CHAI_API int chaiClusteredAttentionEnqueue(ChaiClusteredAttentionParams const* params, cudaStream_t stream)
+{
+    if (params == nullptr)
+        return CHAI_ERR_INVALID_ARGUMENT;
+    ChaiClusteredAttentionParams const& p = *params;
+    if (!validTables(p) || p.batch < 1 || p.seq_len < 1 || p.past_len < 0)
+        return CHAI_ERR_INVALID_ARGUMENT;
+    if (p.dtype != CHAI_DTYPE_FLOAT32 && p.dtype != CHAI_DTYPE_FLOAT16 && p.dtype != CHAI_DTYPE_BFLOAT16)
+        return CHAI_ERR_INVALID_ARGUMENT;
+    if (p.mask_dtype != CHAI_MASK_INT32 && p.mask_dtype != CHAI_MASK_INT64)
+        return CHAI_ERR_INVALID_ARGUMENT;
+    if (!p.query || !p.key || !p.value || !p.attention_mask || !p.output || !p.present_key || !p.present_value
+        || (p.past_len > 0 && (!p.past_key || !p.past_value)))
+        return CHAI_ERR_INVALID_ARGUMENT;
+
+    size_t const elt = p.dtype == CHAI_DTYPE_FLOAT32 ? 4 : 2;
+    if (concatCache(p.present_key, p.past_key, p.key, p.batch * p.num_k_heads, p.past_len, p.seq_len, p.head_dim, elt,
+            stream)
+            != cudaSuccess
+        || concatCache(p.present_value, p.past_value, p.value, p.batch * p.num_v_heads, p.past_len, p.seq_len,
+               p.head_dim, elt, stream)
+            != cudaSuccess)
+        return CHAI_ERR_CUDA;
+
+    int const gmax = maxClusterSize(p);
+    size_t const smem = (static_cast<size_t>(p.head_dim) + kChunk + static_cast<size_t>(gmax) * p.head_dim) * sizeof(float);
+    int dev = 0;
+    int smemOptin = 48 * 1024;
+    if (cudaGetDevice(&dev) == cudaSuccess)
+        cudaDeviceGetAttribute(&smemOptin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (smem > static_cast<size_t>(smemOptin))
+        return CHAI_ERR_UNSUPPORTED;
+
+    long long const rowsLL = static_cast<long long>(p.batch) * p.num_clusters * p.seq_len;
+    if (rowsLL > 0x7fffffffLL)
+        return CHAI_ERR_UNSUPPORTED;
+    int const rows = static_cast<int>(rowsLL);
+    size_t const perSlot = (2 + static_cast<size_t>(gmax) * p.head_dim) * sizeof(float);
+    int const splits = chooseSplits(p, rows, perSlot);
+
+    switch (p.dtype)
+    {
+    case CHAI_DTYPE_FLOAT16: return launchForMask<__half>(p, rows, splits, gmax, smem, stream);
+    case CHAI_DTYPE_BFLOAT16: return launchForMask<__nv_bfloat16>(p, rows, splits, gmax, smem, stream);
+    default: return launchForMask<float>(p, rows, splits, gmax, smem, stream);
+    }
+}

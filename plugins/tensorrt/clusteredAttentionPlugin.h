@@ -1,0 +1,138 @@
+// TensorRT IPluginV3 plugin "ClusteredAttention" (namespace "chai", version "1") for CHAI clustered
+// attention. The fused ONNX node of the same op_type maps onto it; see README.md for the contract.
+#pragma once
+
+#include "NvInferRuntime.h"
+#include "clusteredAttentionKernel.h"
+
+#include <string>
+#include <vector>
+
+// The plugin's fields, in the ONNX node's attribute order: X(name, TensorRT PluginFieldType, ONNX attribute type).
+// This list is the single declaration: the creator's getFieldNames is generated from it, and
+// tests/test_tensorrt_plugin.py parses it and compares it with chai_compile/fused_op.py ATTRIBUTES.
+// CHAI_FIELDS_BEGIN
+#define CHAI_CLUSTERED_ATTENTION_FIELDS(X)                                                                             \
+    X(plugin_namespace, kCHAR, string)                                                                                 \
+    X(plugin_version, kCHAR, string)                                                                                   \
+    X(num_heads, kINT32, int)                                                                                          \
+    X(num_clusters, kINT32, int)                                                                                       \
+    X(num_k_heads, kINT32, int)                                                                                        \
+    X(num_v_heads, kINT32, int)                                                                                        \
+    X(head_dim, kINT32, int)                                                                                           \
+    X(cluster_offsets, kINT32, ints)                                                                                   \
+    X(k_head_index, kINT32, ints)                                                                                      \
+    X(v_head_index, kINT32, ints)                                                                                      \
+    X(scale, kFLOAT32, float)                                                                                          \
+    X(causal, kINT32, int)
+// CHAI_FIELDS_END
+
+namespace chai
+{
+
+constexpr char const* kPluginName = "ClusteredAttention";
+constexpr char const* kPluginVersion = "1";
+constexpr char const* kPluginNamespace = "chai";
+
+// Tensor positions (inputs then outputs) as seen by supportsFormatCombination.
+enum IOIndex : int32_t
+{
+    kQuery = 0,
+    kKey = 1,
+    kValue = 2,
+    kPastKey = 3,
+    kPastValue = 4,
+    kAttentionMask = 5,
+    kNbInputs = 6,
+    kOutput = 0,
+    kPresentKey = 1,
+    kPresentValue = 2,
+    kNbOutputs = 3,
+};
+
+// Layer constants fixed at export.
+struct ClusteredAttentionConfig
+{
+    int32_t num_heads = 0;
+    int32_t num_clusters = 0;
+    int32_t num_k_heads = 0;
+    int32_t num_v_heads = 0;
+    int32_t head_dim = 0;
+    std::vector<int32_t> cluster_offsets;
+    std::vector<int32_t> k_head_index;
+    std::vector<int32_t> v_head_index;
+    float scale = 0.f;
+    int32_t causal = 1;
+
+    // Empty when valid, else what is wrong.
+    std::string validate() const;
+    // Copies the constants and tables into a kernel params struct (pointers and shapes left zero).
+    ChaiClusteredAttentionParams toParams() const;
+};
+
+class ClusteredAttentionPlugin : public nvinfer1::IPluginV3,
+                                 public nvinfer1::IPluginV3OneCore,
+                                 public nvinfer1::IPluginV3OneBuild,
+                                 public nvinfer1::IPluginV3OneRuntime
+{
+public:
+    explicit ClusteredAttentionPlugin(ClusteredAttentionConfig config);
+    ~ClusteredAttentionPlugin() override = default;
+
+    // IPluginV3
+    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
+    nvinfer1::IPluginV3* clone() noexcept override;
+
+    // IPluginV3OneCore
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+
+    // IPluginV3OneBuild
+    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
+    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
+    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
+        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
+        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
+        int32_t nbOutputs) noexcept override;
+    int32_t getNbOutputs() const noexcept override;
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+
+    // IPluginV3OneRuntime
+    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
+        int32_t nbOutputs) noexcept override;
+    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
+
+private:
+    ClusteredAttentionConfig mConfig;
+    // Backing store for getFieldsToSerialize (must outlive the returned collection).
+    std::vector<nvinfer1::PluginField> mSerialFields;
+    nvinfer1::PluginFieldCollection mSerialCollection{};
+};
+
+class ClusteredAttentionPluginCreator : public nvinfer1::IPluginCreatorV3One
+{
+public:
+    ClusteredAttentionPluginCreator();
+    ~ClusteredAttentionPluginCreator() override = default;
+
+    char const* getPluginName() const noexcept override;
+    char const* getPluginVersion() const noexcept override;
+    char const* getPluginNamespace() const noexcept override;
+    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
+    nvinfer1::IPluginV3* createPlugin(
+        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+
+private:
+    std::vector<nvinfer1::PluginField> mFields;
+    nvinfer1::PluginFieldCollection mFieldCollection{};
+};
+
+} // namespace chai
