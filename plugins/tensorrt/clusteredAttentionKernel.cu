@@ -25,8 +25,9 @@ namespace
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunk = 64;              // keys per online-softmax step (must be <= kThreads)
-constexpr int kMaxSplitRows = 1024;     // cap on (query rows x splits): bounds the workspace
-constexpr int kMinKeysPerSplit = 256;   // below this a split costs more in merging than it saves
+constexpr int kMaxSplitRows = 2048;     // cap on (query rows x splits): bounds the workspace
+constexpr int kMinKeysPerSplit = 128;   // below this a split costs more in merging than it saves
+constexpr int kBlocksPerSm = 4;         // decode splits until about this many blocks per SM
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float toFloat(float x)
@@ -60,6 +61,45 @@ __device__ __forceinline__ __nv_bfloat16 fromFloat<__nv_bfloat16>(float x)
     return __float2bfloat16_rn(x);
 }
 
+// Loads VEC consecutive elements as floats. VEC == 4 needs 8-byte (16-bit types) or 16-byte (fp32) alignment.
+template <int VEC>
+__device__ __forceinline__ void loadVec(float const* p, float* out)
+{
+    if constexpr (VEC == 4)
+    {
+        float4 const v = *reinterpret_cast<float4 const*>(p);
+        out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+    }
+    else
+        out[0] = p[0];
+}
+template <int VEC>
+__device__ __forceinline__ void loadVec(__half const* p, float* out)
+{
+    if constexpr (VEC == 4)
+    {
+        uint2 const raw = *reinterpret_cast<uint2 const*>(p);
+        float2 const a = __half22float2(*reinterpret_cast<__half2 const*>(&raw.x));
+        float2 const b = __half22float2(*reinterpret_cast<__half2 const*>(&raw.y));
+        out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+    }
+    else
+        out[0] = __half2float(p[0]);
+}
+template <int VEC>
+__device__ __forceinline__ void loadVec(__nv_bfloat16 const* p, float* out)
+{
+    if constexpr (VEC == 4)
+    {
+        uint2 const raw = *reinterpret_cast<uint2 const*>(p);
+        float2 const a = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&raw.x));
+        float2 const b = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162 const*>(&raw.y));
+        out[0] = a.x, out[1] = a.y, out[2] = b.x, out[3] = b.y;
+    }
+    else
+        out[0] = __bfloat162float(p[0]);
+}
+
 __device__ __forceinline__ float warpSum(float v)
 {
 #pragma unroll
@@ -82,7 +122,7 @@ __device__ __forceinline__ SplitScratch splitScratch(void* ws, int rows, int spl
 }
 
 // Scores are kept in the log2 domain (q is pre-multiplied by scale*log2(e)) so exp2f does the softmax.
-template <typename T, typename M>
+template <typename T, typename M, int VEC>
 __global__ void __launch_bounds__(kThreads)
     clusteredAttentionKernel(__grid_constant__ const ChaiClusteredAttentionParams p, int splits, int gmax)
 {
@@ -116,7 +156,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = tid; e < d; e += kThreads)
         q_s[e] = toFloat(q[e]) * qscale;
     for (int e = tid; e < g * d; e += kThreads)
-        acc_s[e] = 0.f;
+        acc_s[e] = 0.f; // zeroed before the first __syncthreads, so ownership does not matter here
     __syncthreads();
 
     T const* K = static_cast<T const*>(p.present_key)
@@ -129,17 +169,34 @@ __global__ void __launch_bounds__(kThreads)
     for (int t = t0; t < t1; t += kChunk)
     {
         int const n = min(kChunk, t1 - t);
-        // Scores: one warp per key, lanes split the head dimension (coalesced K row reads).
-        for (int kk = warp; kk < n; kk += kWarps)
+        // Scores: one warp per key, four keys in flight per warp, lanes split the head dimension into
+        // VEC-wide pieces (one coalesced K row read per key).
+        for (int kk0 = warp * 4; kk0 < n; kk0 += kWarps * 4)
         {
-            int const j = t + kk;
-            T const* krow = K + static_cast<size_t>(j) * d;
-            float dot = 0.f;
-            for (int e = lane; e < d; e += 32)
-                dot += q_s[e] * toFloat(krow[e]);
-            dot = warpSum(dot);
-            if (lane == 0)
-                p_s[kk] = mask[j] != 0 ? dot : -INFINITY;
+            float dot[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int e = lane * VEC; e < d; e += 32 * VEC)
+            {
+#pragma unroll
+                for (int u = 0; u < 4; ++u)
+                {
+                    if (kk0 + u < n)
+                    {
+                        float kv[VEC];
+                        loadVec<VEC>(K + static_cast<size_t>(t + kk0 + u) * d + e, kv);
+#pragma unroll
+                        for (int x = 0; x < VEC; ++x)
+                            dot[u] += q_s[e + x] * kv[x];
+                    }
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u)
+            {
+                float const sum = warpSum(dot[u]);
+                int const j = t + kk0 + u;
+                if (lane == 0 && kk0 + u < n)
+                    p_s[kk0 + u] = mask[j] != 0 ? sum : -INFINITY;
+            }
         }
         __syncthreads();
         float cmax = -INFINITY;
@@ -157,17 +214,29 @@ __global__ void __launch_bounds__(kThreads)
         for (int kk = 0; kk < n; ++kk)
             csum += p_s[kk];
         l = l * alpha + csum;
-        // P.V for every head of the cluster: threads walk (head, dim) pairs, V rows read coalesced.
-        for (int e = tid; e < g * d; e += kThreads)
+        // P.V for every head of the cluster: threads walk (head, VEC dims) pieces, V rows read coalesced.
+        for (int e = tid * VEC; e < g * d; e += kThreads * VEC)
         {
             int const hi = e / d;
             int const dd = e - hi * d;
             T const* v = Vbase + (static_cast<size_t>(b * p.num_v_heads + p.v_head_index[h0 + hi]) * T_ + t) * d + dd;
-            float a = acc_s[e] * alpha;
+            float a[VEC];
+#pragma unroll
+            for (int x = 0; x < VEC; ++x)
+                a[x] = acc_s[e + x] * alpha;
 #pragma unroll 8
             for (int kk = 0; kk < n; ++kk)
-                a += p_s[kk] * toFloat(v[static_cast<size_t>(kk) * d]);
-            acc_s[e] = a;
+            {
+                float vv[VEC];
+                loadVec<VEC>(v + static_cast<size_t>(kk) * d, vv);
+                float const pk = p_s[kk];
+#pragma unroll
+                for (int x = 0; x < VEC; ++x)
+                    a[x] += pk * vv[x];
+            }
+#pragma unroll
+            for (int x = 0; x < VEC; ++x)
+                acc_s[e + x] = a[x];
         }
         m = m_new;
         __syncthreads(); // p_s is refilled by the next chunk
@@ -177,8 +246,9 @@ __global__ void __launch_bounds__(kThreads)
     {
         float const inv = l > 0.f ? 1.f / l : 0.f; // rows with no attended key give zeros
         T* out = static_cast<T*>(p.output) + (static_cast<size_t>(b) * S + s) * p.num_heads * d;
-        for (int e = tid; e < g * d; e += kThreads)
-            out[static_cast<size_t>(h0) * d + e] = fromFloat<T>(acc_s[e] * inv);
+        for (int e = tid * VEC; e < g * d; e += kThreads * VEC)
+            for (int x = 0; x < VEC; ++x)
+                out[static_cast<size_t>(h0) * d + e + x] = fromFloat<T>(acc_s[e + x] * inv);
     }
     else
     {
@@ -189,8 +259,9 @@ __global__ void __launch_bounds__(kThreads)
             ws.ml[2 * slot] = m;
             ws.ml[2 * slot + 1] = l;
         }
-        for (int e = tid; e < g * d; e += kThreads)
-            ws.acc[slot * gmax * d + e] = acc_s[e];
+        for (int e = tid * VEC; e < g * d; e += kThreads * VEC)
+            for (int x = 0; x < VEC; ++x)
+                ws.acc[slot * gmax * d + e + x] = acc_s[e + x];
     }
 }
 
@@ -300,7 +371,7 @@ int chooseSplits(ChaiClusteredAttentionParams const& p, int rows, size_t neededP
         int sms = 132;
         if (cudaGetDevice(&dev) == cudaSuccess)
             cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        splits = (2 * sms + rows - 1) / rows;
+        splits = (kBlocksPerSm * sms + rows - 1) / rows;
         splits = min(splits, (T_ + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
     }
     splits = min(splits, cap);
@@ -311,10 +382,18 @@ int chooseSplits(ChaiClusteredAttentionParams const& p, int rows, size_t neededP
     return splits;
 }
 
+bool aligned(void const* ptr, size_t bytes)
+{
+    return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
 template <typename T, typename M>
 int launch(ChaiClusteredAttentionParams const& p, int rows, int splits, int gmax, size_t smem, cudaStream_t stream)
 {
-    auto kernel = clusteredAttentionKernel<T, M>;
+    // Four-wide loads when every row starts 4-element aligned (d % 4 == 0 and aligned base pointers).
+    size_t const vecBytes = 4 * sizeof(T);
+    bool const vec4 = p.head_dim % 4 == 0 && aligned(p.present_key, vecBytes) && aligned(p.present_value, vecBytes);
+    auto kernel = vec4 ? clusteredAttentionKernel<T, M, 4> : clusteredAttentionKernel<T, M, 1>;
     if (smem > 48 * 1024
         && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))
             != cudaSuccess)
