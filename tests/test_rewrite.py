@@ -340,6 +340,10 @@ def test_static_path_exports_with_dynamic_length(family, attn):
 
     ids = torch.randint(3, orig.config.vocab_size, (2, 9))
     seq = torch.export.Dim("seq", min=2, max=64)
+    try:  # older torch (2.11) cannot prove its own guards for the unrewritten model either
+        torch.export.export(Logits(orig), (ids,), dynamic_shapes=({1: seq},), strict=False)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"this torch cannot export the original model with a dynamic length: {type(e).__name__}")
     ep = torch.export.export(Logits(chai), (ids,), dynamic_shapes=({1: seq},), strict=False)
     longer = torch.randint(3, orig.config.vocab_size, (2, 17))
     with torch.no_grad():

@@ -274,7 +274,6 @@ class ClusteredAttention(nn.Module):
     def _static_torch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
                       ) -> torch.Tensor:
         b, c, s, d = q.shape
-        t = k.shape[-2]
         n = self.layout.slots_per_k
         if not self.slots_are_clusters:
             q = q.new_zeros(b, self.num_slots, s, d).index_copy(1, self.slot_of_cluster, q)
@@ -285,12 +284,14 @@ class ClusteredAttention(nn.Module):
             scores = torch.matmul(q, kt)  # slot j reads kept K head j
         else:
             q = q.view(b, self.num_kept, n, s, d)
-            scores = torch.stack([torch.matmul(q[:, :, r], kt) for r in range(n)], dim=2)
-            scores = scores.view(b, self.num_slots, s, t)
+            scores = torch.cat([torch.matmul(q[:, :, r], kt).unsqueeze(2) for r in range(n)], dim=2)
+            scores = scores.flatten(1, 2)  # [B, kept * n slots, S, T]
         probs = masked_softmax(scores.float() * self.scale, mask).to(v.dtype)
         if not self.slots_are_heads:
             probs = probs.index_select(1, self.slot_of_head)
-        # Heads of one GQA group share their V: [B, KV, g, S, T] @ [B, KV, 1, T, d], no V copy.
+        # Heads of one GQA group share their V: [B, KV, g, S, T] @ [B, KV, 1, T, d]. (matmul expands V
+        # over the group internally, as eager's repeat_kv does; a reshape/view of P to [B, KV, g*S, T]
+        # would avoid that but adds symbolic-shape guards that make torch.export reject a dynamic length.)
         out = torch.matmul(probs.unflatten(1, (self.num_kv_heads, self.group)), v.unsqueeze(2))
         return out.flatten(1, 2)
 
