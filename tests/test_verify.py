@@ -370,7 +370,7 @@ def test_verify_end_to_end_with_the_rewrite(tmp_path):
     mp = _halves_mapping(_stories_info()).write(tmp_path / "halves.json")
     out = tmp_path / "v"
     r = _run(["verify", str(STORIES), "--mapping", str(mp), "--tasks", "copa,lambada,wikitext2", "--limit", "6",
-              "--batch-size", "4", "--window", "32", "--kv-tokens", "16", "--data-dir", str(EVAL),
+              "--batch-size", "4", "--window", "32", "--kv-tokens", "16", "--kv-decode", "3", "--data-dir", str(EVAL),
               "--out", str(out)])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "verify.json").read_text())
@@ -378,6 +378,7 @@ def test_verify_end_to_end_with_the_rewrite(tmp_path):
     # K of 1 + 4 * 2 = 12 of 20 layer-heads, V whole: (12 + 20) / 40 of the native cache
     assert res["original"]["kv_cache"]["bytes_per_token"] == 1280
     assert point["kv_cache"]["bytes_per_token"] == 1024 and point["kv_cache_saving_pct"] == pytest.approx(20.0)
+    assert point["kv_cache"]["total_bytes"] == 1024 * (16 + 3)  # measured after the decode steps too
     assert point["flops"]["saving_pct"]["scores"] > 0
     assert set(point["comparison"]) == {"copa", "lambada", "wikitext2"}
     assert point["tasks"]["wikitext2"]["ppl"] != res["original"]["tasks"]["wikitext2"]["ppl"]

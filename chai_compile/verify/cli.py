@@ -37,6 +37,8 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Perplexity window stride [default: window/2]."),
         click.option("--kv-tokens", type=click.IntRange(min=1), default=512, show_default=True,
                      help="Prefill length for the measured KV-cache bytes."),
+        click.option("--kv-decode", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Greedy decode steps after that prefill before the cache is measured (a generation)."),
         click.option("--dtype", default="float32", show_default=True),
         click.option("--device", default="cpu", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
@@ -72,8 +74,8 @@ def _check_out(out_dir: str | None, overwrite: bool) -> None:
 @_eval_options
 def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
            task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
-           window: int, stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool,
-           as_json: bool) -> None:
+           window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str,
+           overwrite: bool, as_json: bool) -> None:
     """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time."""
     from chai_compile.fileio import staged_output_dir
     from chai_compile.loading import load_model
@@ -92,11 +94,11 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     core = compare_loaded(loaded, [(Path(mapping_path).stem, mapping)] if mapping else [], tasks,
                           membership=membership, limit=limit, batch_size=batch_size, window=window, stride=stride,
-                          kv_tokens=kv_tokens, log=_log)
+                          kv_tokens=kv_tokens, kv_decode=kv_decode, log=_log)
     result: dict[str, Any] = {
         "model": model, "mapping_path": mapping_path, "membership": membership,
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
-                     "window": window, "stride": stride, "kv_tokens": kv_tokens},
+                     "window": window, "stride": stride, "kv_tokens": kv_tokens, "kv_decode": kv_decode},
         **core,
     }
     violations: list[str] = []
@@ -147,7 +149,8 @@ def _int_list(text: str | None, option: str) -> list[int]:
 def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: str, no_default: bool,
           mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None, task_files: tuple[str, ...],
           data_dir: str | None, limit: int | None, batch_size: int, membership: str, window: int,
-          stride: int | None, kv_tokens: int, dtype: str, device: str, overwrite: bool, as_json: bool) -> None:
+          stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str, overwrite: bool,
+          as_json: bool) -> None:
     """Verify mappings of MODEL at several budgets and plot measured KV-cache saving against accuracy change.
 
     The original is evaluated once; each mapping is applied to a copy and scored on the same requests.
@@ -170,7 +173,8 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
         mappings += collect_mappings(mapping_paths)
     _log(f"sweeping {len(mappings)} mappings: {', '.join(label for label, _ in mappings)}")
     result = run_sweep(model, mappings, tasks, limit, batch_size=batch_size, membership=membership, dtype=dtype,
-                       device=device, window=window, stride=stride, kv_tokens=kv_tokens, log=_log)
+                       device=device, window=window, stride=stride, kv_tokens=kv_tokens, kv_decode=kv_decode,
+                       log=_log)
     if profile_dir:
         result["profile_dir"] = profile_dir
     md = sweep_markdown(result)

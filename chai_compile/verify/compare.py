@@ -127,6 +127,7 @@ def compare_loaded(
     window: int | None = None,
     stride: int | None = None,
     kv_tokens: int = 512,
+    kv_decode: int = 0,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Evaluate the original once and each mapping's CHAI model on the same requests.
@@ -141,7 +142,7 @@ def compare_loaded(
     kv_tokens = max(1, min(kv_tokens, model_max_length(model)))
 
     orig = evaluate(model, tok, prepared, batch_size, "original", log)
-    orig_kv = measure_kv_cache(model, kv_tokens)
+    orig_kv = measure_kv_cache(model, kv_tokens, kv_decode)
     out: dict[str, Any] = {
         "original": {
             "tasks": {n: _public(r) for n, r in orig.items()},
@@ -158,7 +159,7 @@ def compare_loaded(
         chai_model = build_chai(model, mapping, membership)
         try:
             chai = evaluate(chai_model, tok, prepared, batch_size, f"CHAI {label}".strip(), log)
-            kv = measure_kv_cache(chai_model, kv_tokens)
+            kv = measure_kv_cache(chai_model, kv_tokens, kv_decode)
         finally:
             del chai_model
             if torch.cuda.is_available():

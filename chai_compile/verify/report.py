@@ -62,8 +62,10 @@ def verify_markdown(result: dict[str, Any]) -> str:
     if point:
         kv1, fl = point["kv_cache"], point["flops"]
         lines += [
-            f"| KV-cache bytes/token (measured, {kv0['prefill_tokens']}-token prefill) | "
+            f"| KV-cache bytes/token (measured, {_kv_run(kv0)}) | "
             f"{kv0['bytes_per_token']:,.0f} | {kv1['bytes_per_token']:,.0f} | {point['kv_cache_saving_pct']:.2f}% |",
+            f"| KV-cache total bytes, batch {kv0['batch']} | {kv0['total_bytes']:,} | {kv1['total_bytes']:,} | "
+            f"{_pct(kv0['total_bytes'], kv1['total_bytes'])} |",
             f"| K-cache bytes/token | {kv0['key_bytes_per_token']:,.0f} | {kv1['key_bytes_per_token']:,.0f} | "
             f"{_pct(kv0['key_bytes_per_token'], kv1['key_bytes_per_token'])} |",
             f"| Q/K projection FLOPs/token | {fl['original']['qk_projection']:,} | {fl['chai']['qk_projection']:,} | "
@@ -77,7 +79,7 @@ def verify_markdown(result: dict[str, Any]) -> str:
         lines += [f"| {t} | {orig['tasks'][t]['wall_s']:.1f} | {point['tasks'][t]['wall_s']:.1f} |"
                   for t in orig["tasks"]]
     else:
-        lines += [f"| KV-cache bytes/token (measured, {kv0['prefill_tokens']}-token prefill) | "
+        lines += [f"| KV-cache bytes/token (measured, {_kv_run(kv0)}) | "
                   f"{kv0['bytes_per_token']:,.0f} | - | - |",
                   f"| evaluation wall time (s) | {orig['wall_s']:.1f} | - | - |"]
         lines += ["", "| task | original s |", "|---|---|"]
@@ -87,6 +89,11 @@ def verify_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Max drop {result['max_drop']['threshold']:g}: "
                       + ("exceeded: " + "; ".join(violations) if violations else "within limit.")]
     return "\n".join(lines) + "\n"
+
+
+def _kv_run(kv: dict[str, Any]) -> str:
+    run = f"{kv['prefill_tokens']}-token prefill"
+    return run + (f" + {kv['decode_steps']} decode steps" if kv.get("decode_steps") else "")
 
 
 def _pct(a: float, b: float) -> str:

@@ -103,6 +103,7 @@ def sweep(
     window: int | None = None,
     stride: int | None = None,
     kv_tokens: int = 512,
+    kv_decode: int = 0,
     data_dir: str | Path | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
@@ -114,10 +115,11 @@ def sweep(
     task_objs += resolve_tasks(names, data_dir=data_dir) if names else []
     loaded = load_model(model_spec, dtype, device)
     result = compare_loaded(loaded, list(mappings), task_objs, membership=membership, limit=limit,
-                            batch_size=batch_size, window=window, stride=stride, kv_tokens=kv_tokens, log=log)
+                            batch_size=batch_size, window=window, stride=stride, kv_tokens=kv_tokens,
+                            kv_decode=kv_decode, log=log)
     result = {"model": model_spec, "membership": membership,
               "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
-                           "kv_tokens": kv_tokens},
+                           "kv_tokens": kv_tokens, "kv_decode": kv_decode},
               **result}
     # Sorted by measured saving: the order of the curve
     result["points"].sort(key=lambda p: p["kv_cache_saving_pct"])
