@@ -21,6 +21,16 @@ from tests.tiny_models import FAMILIES, tiny_model
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: two intra-op threads buy nothing, and on a shared 2-core runner OpenMP
+    # spin-waiting made this file 10x slower (180 s vs 15 s). Restored for the other test files.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 def eager_copy(model: nn.Module) -> nn.Module:
     """A private copy on the eager attention path. transformers' own sdpa and eager paths differ by
