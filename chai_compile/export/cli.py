@@ -1,0 +1,173 @@
+"""`chai-compile export` and `chai-compile verify-artifact`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from chai_compile.errors import ExportError, ValidationFailed
+
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+
+
+def _load(model: str, mapping_path: str | None, no_mapping: bool) -> tuple[Any, Any, Any]:
+    """(loaded model, fp32 reference for validation, model to export, mapping or None)."""
+    from chai_compile.loading import load_model
+    from chai_compile.mapping import ClusterMapping
+    from chai_compile.rewrite import apply_mapping
+
+    mapping = None if no_mapping else ClusterMapping.read(mapping_path)
+    loaded = load_model(model)
+    ref = loaded.model
+    if mapping is not None:
+        # check_model inside apply_mapping raises FingerprintMismatchError for another model's mapping
+        ref = apply_mapping(copy.deepcopy(loaded.model), mapping)
+    return loaded, ref, mapping
+
+
+def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
+               opset: int, out: str, overwrite: bool, steps: int = 32, log: Any = print) -> dict[str, Any]:
+    from chai_compile.export import clean, manifest, onnx_export, validate
+    from chai_compile.export.ort_runner import OrtDecoder
+    from chai_compile.fileio import staged_output_dir, write_json
+
+    if not no_mapping and not mapping_path:
+        raise ExportError("--mapping is required", fix="pass --mapping MAPPING.json, or --no-mapping for the original")
+    if fmt == "tensorrt":
+        attention = "fused"  # the engine needs the plugin node
+        from chai_compile.export_tensorrt import import_tensorrt
+
+        import_tensorrt()  # one-line ExportError when TensorRT is missing, before any work
+    if opset < onnx_export.MIN_OPSET[attention]:
+        raise ExportError(f"opset {opset} is too old for the {attention} form", value=opset,
+                          fix=f"use --opset {onnx_export.MIN_OPSET[attention]} or newer")
+    if no_mapping and attention == "fused":
+        raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
+    if Path(out).exists() and not overwrite:  # fail before loading anything
+        from chai_compile.errors import OutputPathError
+
+        raise OutputPathError(f"output directory {out} already exists", fix="choose a new --out or pass --overwrite")
+    loaded, ref, mapping = _load(model, mapping_path, no_mapping)
+    to_export = ref if dtype == "fp32" else copy.deepcopy(ref).half()
+    meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
+                                           cache=onnx_export.cache_spec(ref))
+    with staged_output_dir(out, overwrite) as stage:
+        log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
+        res = onnx_export.export_decoder(to_export, stage, attention=attention, opset=opset, metadata=meta)
+        clean.check(res.path)
+        stats = clean.graph_stats(res.path)
+        if mapping is not None:
+            write_json(stage / "mapping.json", json.loads(mapping.to_json()))
+        if attention == "fused" and dtype != "fp32":
+            report = {"passed": None, "skipped": "the ORT reference op of the fused node is float32 only"}
+        else:
+            report = validate.validate(ref, OrtDecoder(stage), loaded.tokenizer, dtype=dtype, steps=steps)
+        log(f"validation: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
+        if report["passed"] is False:
+            raise ValidationFailed(
+                f"exported graph disagrees with PyTorch: max abs diff {report['max_abs_diff_past0']:.3g} / "
+                f"{report['max_abs_diff_past']:.3g} (tolerance {report['atol']}), greedy identical: "
+                f"{report['greedy_identical']}")
+        if fmt == "tensorrt":
+            _build_engine(res, stage, dtype)
+        man = manifest.build_manifest(
+            stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
+            opset=opset, external_data=res.external_data, cache=res.cache.to_dict(), export_s=round(res.export_s, 2),
+            stats=stats, validation=report, mapping=mapping.summary() if mapping else None,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_json(stage / manifest.MANIFEST, man)
+    return man
+
+
+def _build_engine(res: Any, stage: Path, dtype: str) -> None:
+    from chai_compile.export_tensorrt import build_engine, symbolic_profile
+
+    shapes = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "total"], "position_ids": ["batch", "seq"]}
+    for i, (kh, vh) in enumerate(zip(res.cache.k_heads, res.cache.v_heads, strict=True)):
+        shapes[f"past_key_values.{i}.key"] = ["batch", kh, "past", res.cache.head_dim]
+        shapes[f"past_key_values.{i}.value"] = ["batch", vh, "past", res.cache.head_dim]
+    ranges = {"batch": (1, 1, 8), "seq": (1, 1, 2048), "past": (0, 512, 2048), "total": (1, 513, 4096)}
+    build_engine(res.path, None, stage / "tensorrt", [symbolic_profile(shapes, ranges)], fp16=dtype == "fp16")
+
+
+@click.command("export")
+@click.argument("model")
+@click.option("--mapping", "mapping_path", default=None, type=click.Path(), help="Cluster mapping JSON.")
+@click.option("--no-mapping", is_flag=True, help="Export the original model (same exporter, for comparison).")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--attention", type=click.Choice(["portable", "fused"]), default="portable", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=23, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path())
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy steps compared.")
+def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str, opset: int,
+           out: str, overwrite: bool, steps: int) -> None:
+    """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
+    man = run_export(model, mapping_path, no_mapping, fmt, attention, dtype, opset, out, overwrite, steps,
+                     log=lambda m: click.echo(m, err=True))
+    s = man["stats"]
+    click.echo(f"wrote {out}: {s['nodes']} nodes, weights {s['weight_bytes'] / 1e6:.2f} MB, "
+               f"files {s['file_bytes'] / 1e6:.2f} MB, export {man['export_s']} s, validation passed")
+
+
+@click.command("verify-artifact")
+@click.argument("artifact", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "model_spec", default=None, help="PyTorch model (default: the manifest's source).")
+@click.option("--tasks", "tasks_text", default=None, help="Comma-separated task names run through ONNX Runtime.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None, steps: int,
+                    as_json: bool) -> None:
+    """Check an export directory against PyTorch: logits, greedy tokens, and tasks through ONNX Runtime."""
+    result = run_verify_artifact(artifact, model_spec, tasks_text, limit, steps, log=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+    if not result["passed"]:
+        raise ValidationFailed(f"artifact {artifact} disagrees with PyTorch", fix="see the report above")
+
+
+def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None,
+                        steps: int = 32, log: Any = print) -> dict[str, Any]:
+    from chai_compile.export import validate
+    from chai_compile.export.ort_runner import OrtDecoder
+
+    man_path = Path(artifact) / "manifest.json"
+    if not man_path.is_file():
+        raise ExportError("not an export directory (no manifest.json)", value=artifact)
+    man = json.loads(man_path.read_text())
+    mapping_file = Path(artifact) / "mapping.json"
+    _loaded, ref, _ = _load(model_spec or man["source_model"], str(mapping_file), not mapping_file.is_file())
+    loaded = _loaded
+    dec = OrtDecoder(artifact)
+    report = validate.validate(ref, dec, loaded.tokenizer, dtype=man.get("dtype", "fp32"), steps=steps)
+    log(f"logits/greedy: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
+    result: dict[str, Any] = {"validation": report, "passed": bool(report["passed"])}
+    if tasks_text:
+        from chai_compile.verify.compare import evaluate
+        from chai_compile.verify.scoring import prepare
+        from chai_compile.verify.tasks import parse_task_list, resolve_tasks
+
+        tasks = resolve_tasks(parse_task_list(tasks_text))
+        prepared = [prepare(t, loaded.tokenizer, ref, limit=limit) for t in tasks]
+        ort_res = evaluate(dec, loaded.tokenizer, prepared, label="onnxruntime", log=log)
+        pt_res = evaluate(ref, loaded.tokenizer, prepared, label="torch", log=log)
+        tasks_out = {}
+        for name in ort_res:
+            keys = [k for k in ("acc", "acc_norm", "ppl") if k in ort_res[name]]
+            same_preds = ort_res[name].get("predictions") == pt_res[name].get("predictions")
+            tasks_out[name] = {"onnxruntime": {k: ort_res[name][k] for k in keys},
+                               "torch": {k: pt_res[name][k] for k in keys}, "n": ort_res[name]["n"],
+                               "identical_predictions": same_preds}
+            accs_equal = all(ort_res[name][k] == pt_res[name][k] for k in keys if k != "ppl")
+            ppl_close = "ppl" not in keys or abs(ort_res[name]["ppl"] / pt_res[name]["ppl"] - 1) < 1e-3
+            tasks_out[name]["equal"] = accs_equal and ppl_close
+            result["passed"] = result["passed"] and tasks_out[name]["equal"]
+        result["tasks"] = tasks_out
+    return result

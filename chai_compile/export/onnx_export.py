@@ -1,0 +1,203 @@
+"""Export a causal LM (original or CHAI-rewritten) to an ONNX decoder with past/present KV cache.
+
+The model is wrapped in `DecoderWrapper` whose flat signature is what ONNX needs:
+`(input_ids, attention_mask, position_ids, past_key_values.N.key, past_key_values.N.value, ...)` ->
+`(logits, present.N.key, present.N.value, ...)`. Past tensors are fed into a transformers DynamicCache
+layer by layer, so the rewritten layers see exactly what they see in PyTorch, and their K cache
+carries only the kept heads (the shapes come from the module, not the config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chai_compile.errors import ExportError
+from chai_compile.mapping import ClusterMapping
+
+# Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
+# as inputs, Split num_outputs); older opsets need the down-conversion that loses dynamic shapes.
+MIN_OPSET = {"portable": 18, "fused": 18}
+DEFAULT_OPSET = 23
+ATTENTION_FORMS = ("portable", "fused")
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's hard limit is 2 GiB; keep a margin for the graph
+GRAPH_NAME = "model.onnx"
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSpec:
+    """Per-layer K/V head counts and the head size: the cache shapes the graph takes and returns."""
+
+    k_heads: tuple[int, ...]
+    v_heads: tuple[int, ...]
+    head_dim: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_heads)
+
+    def empty(self, batch: int, past: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        out = []
+        for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
+            out += [torch.zeros(batch, kh, past, self.head_dim, dtype=dtype),
+                    torch.zeros(batch, vh, past, self.head_dim, dtype=dtype)]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def cache_spec(model: nn.Module) -> CacheSpec:
+    """K heads per layer: the kept heads for clustered layers (what the rewrite caches), else all KV heads."""
+    from chai_compile.adapters import adapter_for
+    from chai_compile.rewrite.clustered_attention import ClusteredAttention
+
+    ad = adapter_for(model)
+    spec = ad.spec
+    k_heads, v_heads = [], []
+    for i in range(spec.num_layers):
+        attn = ad.attention(i)
+        k_heads.append(attn.num_kept if isinstance(attn, ClusteredAttention) else spec.num_kv_heads)
+        v_heads.append(spec.num_kv_heads)
+    return CacheSpec(tuple(k_heads), tuple(v_heads), spec.head_dim)
+
+
+class DecoderWrapper(nn.Module):
+    """Flat-tensor decoder: builds a DynamicCache from the past tensors, returns logits and presents."""
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+        self.before_call: Any = None  # fused export hands the 2D mask to its attention modules here
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.num_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        if self.before_call is not None:
+            self.before_call(attention_mask)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4
+                  ) -> tuple[torch.Tensor, ...]:
+    """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+    kv = [torch.randn(t.shape, generator=g).to(dtype) for t in spec.empty(batch, past, dtype)]
+    return (ids, mask, pos, *kv)
+
+
+def dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
+    dim = torch.export.Dim
+    batch, seq, past, total = dim("batch", max=1024), dim("seq", max=65536), dim("past", max=131072), \
+        dim("total", max=196608)
+    past_ds = [{0: batch, 2: past} for _ in range(2 * num_layers)]
+    return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple(past_ds))
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: Path  # the .onnx file
+    external_data: bool
+    cache: CacheSpec
+    input_names: list[str]
+    output_names: list[str]
+    export_s: float
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def export_decoder(
+    model: nn.Module,
+    out_dir: Path,
+    *,
+    attention: str = "portable",
+    opset: int = DEFAULT_OPSET,
+    metadata: dict[str, str] | None = None,
+    external_data: bool | None = None,
+) -> ExportResult:
+    """Export `model` (already rewritten, or original) into out_dir/model.onnx; returns what was written.
+
+    attention="fused" replaces every clustered layer's attention core by one ClusteredAttention node
+    (see chai_compile.export.fused); the model is not modified (fused export works on a copy).
+    """
+    if attention not in ATTENTION_FORMS:
+        raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}", value=attention)
+    if opset < MIN_OPSET[attention]:
+        raise ExportError(f"opset {opset} is too old for the {attention} form",
+                          value=opset, fix=f"use --opset {MIN_OPSET[attention]} or newer (default {DEFAULT_OPSET})")
+    from chai_compile.export.clean import finalize_ir
+
+    spec = cache_spec(model)
+    wrapper = DecoderWrapper(model, spec.num_layers).eval()
+    table = None
+    if attention == "fused":
+        from chai_compile.export.fused import prepare_fused
+
+        wrapper, table = prepare_fused(wrapper)
+    inputs = sample_inputs(spec, model.config.vocab_size, model_dtype(model))
+    in_names = [*INPUT_NAMES, *past_names(spec.num_layers)]
+    out_names = ["logits", *present_names(spec.num_layers)]
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            prog = torch.onnx.export(
+                wrapper, inputs, dynamic_shapes=dynamic_shapes(spec.num_layers), input_names=in_names,
+                output_names=out_names, dynamo=True, opset_version=opset, custom_translation_table=table,
+                optimize=True, verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; the first line is what a user can act on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from e
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ext = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    finalize_ir(prog.model, metadata or {})
+    path = Path(out_dir) / GRAPH_NAME
+    prog.save(str(path), external_data=ext)
+    return ExportResult(path, ext, spec, in_names, out_names, time.perf_counter() - t0)
+
+
+def provenance_metadata(mapping: ClusterMapping | None, *, source: str, attention: str, dtype: str, opset: int,
+                        cache: CacheSpec | None = None) -> dict[str, str]:
+    """metadata_props of the graph: the mapping (as its JSON) and where the graph came from."""
+    from chai_compile import __version__
+
+    meta = {
+        "chai.version": __version__,
+        "chai.source_model": source,
+        "chai.attention": attention if mapping is not None else "original",
+        "chai.dtype": dtype,
+        "chai.opset": str(opset),
+        "torch.version": torch.__version__,
+    }
+    if mapping is not None:
+        meta["chai.mapping"] = mapping.to_json()
+    if cache is not None:
+        meta["chai.cache"] = json.dumps(cache.to_dict())
+    return meta
