@@ -142,3 +142,61 @@ def choose_representatives(
             reps[c] = min((h for h in clusters[c] if h // group_size == g), key=lambda h: (cost[h], h))
             remaining.discard(c)
     return reps
+
+
+@dataclass(frozen=True)
+class KVDrop:
+    """Best way to drop `len(dropped)` K heads of one layer, and what it costs."""
+
+    dropped: tuple[int, ...]  # KV heads whose K is no longer stored
+    clusters: list[list[int]]
+    representatives: list[int]
+    cost: float  # sum over re-homed query heads of their cosine distance to the head they now share
+
+
+def kv_drop_options(similarity: np.ndarray, group_size: int) -> list[KVDrop]:
+    """For k = 0..KV-1 dropped K heads, the cheapest choice (exact search over KV subsets).
+
+    Query heads of a dropped KV head join the cluster of their most similar head among the kept
+    KV heads' query heads, which stay representatives. Fewer clusters than `cluster_heads` would
+    make, but every merge here frees K-cache bytes, which is what a GQA model needs.
+    """
+    s = np.asarray(similarity, dtype=np.float64)
+    n = s.shape[0]
+    n_kv = n // group_size
+    heads_of = [list(range(g * group_size, (g + 1) * group_size)) for g in range(n_kv)]
+    out = []
+    for k in range(n_kv):
+        best: KVDrop | None = None
+        for dropped in itertools.combinations(range(n_kv), k):
+            kept_heads = [h for g in range(n_kv) if g not in dropped for h in heads_of[g]]
+            home = {h: [h] for h in kept_heads}
+            cost = 0.0
+            for g in dropped:
+                for h in heads_of[g]:
+                    r = max(kept_heads, key=lambda c, h=h: (s[h, c], -c))
+                    home[r].append(h)
+                    cost += 1.0 - s[h, r]
+            if best is None or cost < best.cost - 1e-12:
+                clusters = sorted((sorted(m) for m in home.values()), key=lambda m: m[0])
+                reps = [next(r for r in home if sorted(home[r]) == m) for m in clusters]
+                best = KVDrop(tuple(dropped), clusters, reps, cost)
+        out.append(best)
+    return out
+
+
+def allocate_kv_budget(options: list[list[KVDrop]], heads_to_drop: int, frozen: set[int]) -> list[int]:
+    """K heads to drop per layer: greedily take the cheapest next drop anywhere until the budget is met."""
+    taken = [0] * len(options)
+    for _ in range(heads_to_drop):
+        best = None
+        for i, opts in enumerate(options):
+            if i in frozen or taken[i] + 1 >= len(opts):
+                continue
+            marginal = opts[taken[i] + 1].cost - opts[taken[i]].cost
+            if best is None or marginal < best[0]:
+                best = (marginal, i)
+        if best is None:
+            break
+        taken[best[1]] += 1
+    return taken

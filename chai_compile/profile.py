@@ -19,10 +19,12 @@ from chai_compile.capture import capture_attention
 from chai_compile.clustering import (
     METHODS,
     REPRESENTATIVES,
+    allocate_kv_budget,
     choose_representatives,
     cluster_heads,
     cosine_distance,
     knee,
+    kv_drop_options,
     sse_curve,
 )
 from chai_compile.errors import ClusteringError
@@ -48,6 +50,9 @@ class ProfileOptions:
     clusters: int | list[int] | None = None  # None: knee of the k-means error curve per layer
     dense_layers: list[int] = field(default_factory=list)
     representative: str = "auto"
+    # Fraction of the whole KV cache to free (0..0.5). Overrides `clusters`: drops the K heads whose
+    # query heads other heads cover best, layer by layer, cheapest first.
+    kv_target: float | None = None
 
 
 @dataclass
@@ -97,6 +102,8 @@ def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
     m = data.model
     check_options(opts, m.num_layers, m.num_heads)
     sim = data.similarity[opts.features]
+    if opts.kv_target is not None:
+        return _kv_budget_mapping(data, opts, sim)
     layers = []
     for i in range(m.num_layers):
         if isinstance(opts.clusters, list):
@@ -110,10 +117,32 @@ def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
         reps = choose_representatives(members, cosine_distance(sim[i]), opts.representative, m.group_size)
         clusters = tuple(Cluster(tuple(c), r) for c, r in zip(members, reps, strict=True))
         layers.append(LayerMapping(i, "clustered", clusters))
+    return ClusterMapping.build(m, layers, _provenance(data, opts))
+
+
+def _provenance(data: ProfileData, opts: ProfileOptions) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(opts).items() if k != "calib"}
-    provenance = {"tool": "chai-compile", "tool_version": __version__, "calibration": data.calibration,
-                  "settings": settings}
-    return ClusterMapping.build(m, layers, provenance)
+    return {"tool": "chai-compile", "tool_version": __version__, "calibration": data.calibration,
+            "settings": settings}
+
+
+def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray) -> ClusterMapping:
+    m = data.model
+    if not 0.0 < opts.kv_target < 0.5:
+        raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=opts.kv_target)
+    total_kv = m.num_layers * m.num_kv_heads
+    to_drop = int(np.ceil(opts.kv_target * 2 * total_kv - 1e-9))  # each K head is 1/(2*total_kv) of the cache
+    options = [kv_drop_options(sim[i], m.group_size) for i in range(m.num_layers)]
+    taken = allocate_kv_budget(options, to_drop, set(opts.dense_layers))
+    layers = []
+    for i, k in enumerate(taken):
+        if k == 0:
+            layers.append(LayerMapping(i, "dense"))
+            continue
+        o = options[i][k]
+        layers.append(LayerMapping(i, "clustered", tuple(Cluster(tuple(c), r)
+                                                         for c, r in zip(o.clusters, o.representatives, strict=True))))
+    return ClusterMapping.build(m, layers, _provenance(data, opts))
 
 
 def measure(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> ProfileData:

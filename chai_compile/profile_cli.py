@@ -54,6 +54,9 @@ def _clusters(text: str | None) -> int | list[int] | None:
 @click.option("--method", type=click.Choice(METHODS), default="agglomerative", show_default=True)
 @click.option("--clusters", default="auto", show_default=True,
               help="'auto' (knee per layer), one count for all layers, or a comma list per layer.")
+@click.option("--kv-target", type=float, default=None,
+              help="Free this fraction of the KV cache (0-0.5) by dropping the best-covered K heads "
+                   "anywhere in the model; overrides --clusters.")
 @click.option("--dense-layers", default="", help="Layers left dense, e.g. 0-3,7.")
 @click.option("--representative", type=click.Choice(REPRESENTATIVES), default="auto", show_default=True,
               help="auto = kv-min for GQA models, medoid otherwise.")
@@ -64,7 +67,8 @@ def _clusters(text: str | None) -> int | list[int] | None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int, seed: int, batch_size: int,
-            first_n: int, rows_per_sample: int, features: str, method: str, clusters: str, dense_layers: str,
+            first_n: int, rows_per_sample: int, features: str, method: str, clusters: str, kv_target: float | None,
+            dense_layers: str,
             representative: str, dtype: str, device: str, device_map: str | None, out_dir: str,
             overwrite: bool, as_json: bool) -> None:
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
@@ -76,7 +80,8 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
     opts = ProfileOptions(calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                           first_n=first_n, rows_per_sample=rows_per_sample, text_field=text_field,
                           features=features, method=method, clusters=_clusters(clusters),
-                          dense_layers=_int_list(dense_layers, "--dense-layers"), representative=representative)
+                          dense_layers=_int_list(dense_layers, "--dense-layers"), representative=representative,
+                          kv_target=kv_target)
     if Path(out_dir).exists() and not overwrite:  # fail before the expensive part
         staged_output_dir(out_dir).__enter__()
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)

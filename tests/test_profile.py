@@ -157,3 +157,29 @@ def _tiny_bert(path):
     if not path.exists():
         BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                    intermediate_size=32, vocab_size=50)).save_pretrained(path)
+
+
+def test_kv_drop_options_pick_best_covered_kv_head():
+    # 6 heads, group size 2 (3 KV heads). Heads 4,5 (KV head 2) copy heads 0 and 2: dropping KV 2 is free.
+    sim = np.eye(6) * 0.5 + 0.5 * np.eye(6)
+    sim[4, 0] = sim[0, 4] = 0.99
+    sim[5, 2] = sim[2, 5] = 0.98
+    from chai_compile.clustering import allocate_kv_budget, kv_drop_options
+
+    opts = kv_drop_options(sim, 2)
+    assert [o.dropped for o in opts[:2]] == [(), (2,)]
+    assert opts[1].clusters == [[0, 4], [1], [2, 5], [3]] and opts[1].representatives == [0, 1, 2, 3]
+    assert opts[1].cost == pytest.approx(0.03)
+    # two layers, the second one redundant: a one-head budget goes there, layer 0 stays whole
+    assert allocate_kv_budget([kv_drop_options(np.eye(6), 2), opts], 1, frozen=set()) == [0, 1]
+    assert allocate_kv_budget([kv_drop_options(np.eye(6), 2), opts], 1, frozen={1}) == [1, 0]
+
+
+def test_profile_kv_target(tmp_path):
+    r = _run(["profile", str(STORIES), "--samples", "4", "--seq-len", "32", "--kv-target", "0.2",
+              "--out", str(tmp_path / "k")])
+    assert r.exit_code == 0, r.output
+    m = ClusterMapping.read(tmp_path / "k" / "mapping.json")
+    assert m.summary()["kv_cache_saving"] == pytest.approx(0.2)
+    r = CliRunner().invoke(main, ["profile", str(STORIES), "--kv-target", "0.7", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--kv-target" in r.output
