@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         from chai_compile.export_tensorrt import import_tensorrt
 
         import_tensorrt()  # one-line ExportError when TensorRT is missing, before any work
+        if not plugin_library().is_file():
+            raise ExportError("the ClusteredAttention plugin library is not built", value=str(plugin_library()),
+                              fix="cmake -S plugins/tensorrt -B plugins/tensorrt/build && cmake --build "
+                                  "plugins/tensorrt/build, or set CHAI_TRT_PLUGIN to the .so")
     if opset < onnx_export.MIN_OPSET[attention]:
         raise ExportError(f"opset {opset} is too old for the {attention} form", value=opset,
                           fix=f"use --opset {onnx_export.MIN_OPSET[attention]} or newer")
@@ -84,6 +89,12 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
     return man
 
 
+def plugin_library() -> Path:
+    """The plugin .so the engine loads: $CHAI_TRT_PLUGIN, else the in-tree CMake build."""
+    default = Path(__file__).resolve().parents[2] / "plugins" / "tensorrt" / "build" / "libchai_trt_plugin.so"
+    return Path(os.environ.get("CHAI_TRT_PLUGIN", default))
+
+
 def _build_engine(res: Any, stage: Path, dtype: str) -> None:
     from chai_compile.export_tensorrt import build_engine, symbolic_profile
 
@@ -92,7 +103,8 @@ def _build_engine(res: Any, stage: Path, dtype: str) -> None:
         shapes[f"past_key_values.{i}.key"] = ["batch", kh, "past", res.cache.head_dim]
         shapes[f"past_key_values.{i}.value"] = ["batch", vh, "past", res.cache.head_dim]
     ranges = {"batch": (1, 1, 8), "seq": (1, 1, 2048), "past": (0, 512, 2048), "total": (1, 513, 4096)}
-    build_engine(res.path, None, stage / "tensorrt", [symbolic_profile(shapes, ranges)], fp16=dtype == "fp16")
+    build_engine(res.path, plugin_library(), stage / "tensorrt", [symbolic_profile(shapes, ranges)],
+                 fp16=dtype == "fp16")
 
 
 @click.command("export")
