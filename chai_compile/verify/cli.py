@@ -63,6 +63,18 @@ def _check_out(out_dir: str | None, overwrite: bool) -> None:
                               fix="choose a new --out or pass --overwrite")
 
 
+def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: str, plot) -> None:
+    """NAME.json, NAME.md and NAME.png, written into a staged directory renamed into place."""
+    from chai_compile.fileio import staged_output_dir
+    from chai_compile.verify.report import dumps
+
+    with staged_output_dir(out_dir, overwrite) as stage:
+        (stage / f"{name}.json").write_text(dumps(result))
+        (stage / f"{name}.md").write_text(md)
+        plot(result, stage / f"{name}.png")
+    _log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png")
+
+
 @click.command()
 @click.argument("model")
 @click.option("--mapping", "mapping_path", default=None, type=click.Path(),
@@ -77,7 +89,6 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
            window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str,
            overwrite: bool, as_json: bool) -> None:
     """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time."""
-    from chai_compile.fileio import staged_output_dir
     from chai_compile.loading import load_model
     from chai_compile.mapping import ClusterMapping
     from chai_compile.verify.compare import max_drop_violations
@@ -109,11 +120,7 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     md = verify_markdown(result)
     if out_dir:
-        with staged_output_dir(out_dir, overwrite) as stage:
-            (stage / "verify.json").write_text(dumps(result))
-            (stage / "verify.md").write_text(md)
-            verify_plot(result, stage / "verify.png")
-        _log(f"wrote {out_dir}/verify.json, verify.md, verify.png")
+        _write_outputs(out_dir, overwrite, "verify", result, md, verify_plot)
     click.echo(dumps(result) if as_json else md, nl=False)
     if violations:
         raise ValidationFailed(f"CHAI exceeds --max-drop {max_drop:g}: " + "; ".join(violations))
@@ -156,7 +163,6 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
     The original is evaluated once; each mapping is applied to a copy and scored on the same requests.
     """
     from chai_compile.errors import MappingError
-    from chai_compile.fileio import staged_output_dir
     from chai_compile.verify.report import dumps, sweep_markdown, sweep_plot
     from chai_compile.verify.sweep import collect_mappings, mappings_from_profile
     from chai_compile.verify.sweep import sweep as run_sweep
@@ -178,9 +184,5 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
     if profile_dir:
         result["profile_dir"] = profile_dir
     md = sweep_markdown(result)
-    with staged_output_dir(out_dir, overwrite) as stage:
-        (stage / "sweep.json").write_text(dumps(result))
-        (stage / "sweep.md").write_text(md)
-        sweep_plot(result, stage / "sweep.png")
-    _log(f"wrote {out_dir}/sweep.json, sweep.md, sweep.png")
+    _write_outputs(out_dir, overwrite, "sweep", result, md, sweep_plot)
     click.echo(dumps(result) if as_json else md, nl=False)
