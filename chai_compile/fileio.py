@@ -32,14 +32,17 @@ def write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def check_output_dir(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an existing output directory; commands call it before their expensive part too."""
+    if Path(out).exists() and not overwrite:
+        raise OutputPathError(f"output directory {out} already exists", fix="choose a new --out or pass --overwrite")
+
+
 @contextmanager
 def staged_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it becomes `out`, on failure it vanishes."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputPathError(
-            f"output directory {out} already exists", fix="choose a new --out or pass --overwrite"
-        )
+    check_output_dir(out, overwrite)
     parent = out.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import click
 
 from chai_compile.clustering import METHODS, REPRESENTATIVES
 from chai_compile.errors import ClusteringError
-from chai_compile.fileio import staged_output_dir, write_json
+from chai_compile.fileio import check_output_dir, staged_output_dir, write_json
 from chai_compile.profile import FEATURES, ProfileOptions, profile_model
 
 
@@ -72,7 +72,6 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
             representative: str, dtype: str, device: str, device_map: str | None, out_dir: str,
             overwrite: bool, as_json: bool) -> None:
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
-    from pathlib import Path
 
     from chai_compile.loading import load_model
     from chai_compile.report import markdown, plots, savings
@@ -82,8 +81,7 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
                           features=features, method=method, clusters=_clusters(clusters),
                           dense_layers=_int_list(dense_layers, "--dense-layers"), representative=representative,
                           kv_target=kv_target)
-    if Path(out_dir).exists() and not overwrite:  # fail before the expensive part
-        staged_output_dir(out_dir).__enter__()
+    check_output_dir(out_dir, overwrite)  # fail before the expensive part
     loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
     data, mapping = profile_model(loaded, opts)
     summary = savings(mapping, context=seq_len)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from chai_compile.errors import ExportError, ValidationFailed
+from chai_compile.fileio import check_output_dir
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 
@@ -53,10 +54,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                           fix=f"use --opset {onnx_export.MIN_OPSET[attention]} or newer")
     if no_mapping and attention == "fused":
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
-    if Path(out).exists() and not overwrite:  # fail before loading anything
-        from chai_compile.errors import OutputPathError
-
-        raise OutputPathError(f"output directory {out} already exists", fix="choose a new --out or pass --overwrite")
+    check_output_dir(out, overwrite)  # fail before loading anything
     loaded, ref, mapping = _load(model, mapping_path, no_mapping)
     to_export = ref if dtype == "fp32" else copy.deepcopy(ref).half()
     meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,

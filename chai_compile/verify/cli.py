@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from chai_compile.errors import OutputPathError, ValidationFailed
+from chai_compile.errors import ValidationFailed
+from chai_compile.fileio import check_output_dir
 
 
 def _log(msg: str) -> None:
@@ -58,9 +59,8 @@ def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | 
 
 
 def _check_out(out_dir: str | None, overwrite: bool) -> None:
-    if out_dir and Path(out_dir).exists() and not overwrite:  # fail before the expensive part
-        raise OutputPathError(f"output directory {out_dir} already exists",
-                              fix="choose a new --out or pass --overwrite")
+    if out_dir:
+        check_output_dir(out_dir, overwrite)  # fail before the expensive part
 
 
 def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: str, plot) -> None:
