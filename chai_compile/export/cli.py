@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -17,19 +16,16 @@ from chai_compile.fileio import check_output_dir
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 
 
-def _load(model: str, mapping_path: str | None, no_mapping: bool) -> tuple[Any, Any, Any]:
-    """(loaded model, fp32 reference for validation, model to export, mapping or None)."""
+def _load(model: str, mapping: Any) -> tuple[Any, Any]:
+    """(tokenizer, PyTorch model rewritten in place with the ClusterMapping, if any)."""
     from chai_compile.loading import load_model
-    from chai_compile.mapping import ClusterMapping
     from chai_compile.rewrite import apply_mapping
 
-    mapping = None if no_mapping else ClusterMapping.read(mapping_path)
     loaded = load_model(model)
-    ref = loaded.model
-    if mapping is not None:
-        # check_model inside apply_mapping raises FingerprintMismatchError for another model's mapping
-        ref = apply_mapping(copy.deepcopy(loaded.model), mapping)
-    return loaded, ref, mapping
+    if mapping is None:
+        return loaded.tokenizer, loaded.model
+    # check_model inside apply_mapping raises FingerprintMismatchError for another model's mapping
+    return loaded.tokenizer, apply_mapping(loaded.model, mapping)
 
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
@@ -55,13 +51,23 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
     if no_mapping and attention == "fused":
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
     check_output_dir(out, overwrite)  # fail before loading anything
-    loaded, ref, mapping = _load(model, mapping_path, no_mapping)
-    to_export = ref if dtype == "fp32" else copy.deepcopy(ref).half()
+    from chai_compile.mapping import ClusterMapping
+
+    mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
+    tokenizer, source = _load(model, mapping)
+    log("running the PyTorch model for the validation reference")
+    reference = validate.reference(source, tokenizer, steps)
+    cache = onnx_export.cache_spec(source)
+    if dtype == "fp16":
+        source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
     meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
-                                           cache=onnx_export.cache_spec(ref))
+                                           cache=cache)
     with staged_output_dir(out, overwrite) as stage:
         log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
-        res = onnx_export.export_decoder(to_export, stage, attention=attention, opset=opset, metadata=meta)
+        res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
+                                         in_place=True)
+        del source
+        release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
         clean.check(res.path)
         stats = clean.graph_stats(res.path)
         if mapping is not None:
@@ -69,7 +75,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         if attention == "fused" and dtype != "fp32":
             report = {"passed": None, "skipped": "the ORT reference op of the fused node is float32 only"}
         else:
-            report = validate.validate(ref, OrtDecoder(stage), loaded.tokenizer, dtype=dtype, steps=steps)
+            report = validate.compare(reference, OrtDecoder(stage), tokenizer, dtype=dtype)
         log(f"validation: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
         if report["passed"] is False:
             raise ValidationFailed(
@@ -85,6 +91,18 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_json(stage / manifest.MANIFEST, man)
     return man
+
+
+def release_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise, and RSS with them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
 
 
 def plugin_library() -> Path:
@@ -153,10 +171,12 @@ def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str |
         raise ExportError("not an export directory (no manifest.json)", value=artifact)
     man = json.loads(man_path.read_text())
     mapping_file = Path(artifact) / "mapping.json"
-    _loaded, ref, _ = _load(model_spec or man["source_model"], str(mapping_file), not mapping_file.is_file())
-    loaded = _loaded
+    from chai_compile.mapping import ClusterMapping
+
+    mapping = ClusterMapping.read(mapping_file) if mapping_file.is_file() else None
+    tokenizer, ref = _load(model_spec or man["source_model"], mapping)
     dec = OrtDecoder(artifact)
-    report = validate.validate(ref, dec, loaded.tokenizer, dtype=man.get("dtype", "fp32"), steps=steps)
+    report = validate.validate(ref, dec, tokenizer, dtype=man.get("dtype", "fp32"), steps=steps)
     log(f"logits/greedy: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
     result: dict[str, Any] = {"validation": report, "passed": bool(report["passed"])}
     if tasks_text:
@@ -165,9 +185,9 @@ def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str |
         from chai_compile.verify.tasks import parse_task_list, resolve_tasks
 
         tasks = resolve_tasks(parse_task_list(tasks_text))
-        prepared = [prepare(t, loaded.tokenizer, ref, limit=limit) for t in tasks]
-        ort_res = evaluate(dec, loaded.tokenizer, prepared, label="onnxruntime", log=log)
-        pt_res = evaluate(ref, loaded.tokenizer, prepared, label="torch", log=log)
+        prepared = [prepare(t, tokenizer, ref, limit=limit) for t in tasks]
+        ort_res = evaluate(dec, tokenizer, prepared, label="onnxruntime", log=log)
+        pt_res = evaluate(ref, tokenizer, prepared, label="torch", log=log)
         tasks_out = {}
         for name in ort_res:
             keys = [k for k in ("acc", "acc_norm", "ppl") if k in ort_res[name]]

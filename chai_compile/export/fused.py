@@ -12,9 +12,9 @@ permuted the same way, which is exact, so no un-permute op is left in the graph.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -121,9 +121,10 @@ class FusedClusteredAttention(ClusteredAttention):
         return self.o_proj(out), None
 
 
-def prepare_fused(wrapper: nn.Module) -> tuple[nn.Module, dict[Any, Any]]:
-    """A copy of the DecoderWrapper whose clustered layers run the custom op; plus the translation table."""
-    wrapper = copy.deepcopy(wrapper)
+def prepare_fused(wrapper: nn.Module, copy: bool = True) -> tuple[nn.Module, dict[Any, Any]]:
+    """The DecoderWrapper (a copy, or itself) with clustered layers running the custom op; plus the table."""
+    if copy:
+        wrapper = deepcopy(wrapper)
     holder = _MaskHolder()
     wrapper.before_call = holder
     found = False

@@ -1,7 +1,14 @@
-"""Artifact vs PyTorch, like Optimum's validate_model_outputs: logits (prefill and with a past), greedy tokens."""
+"""Artifact vs PyTorch, like Optimum's validate_model_outputs: logits (prefill, with a past, left padded) and
+greedy tokens.
+
+Two halves so the export can drop the PyTorch model before ONNX Runtime loads the graph (peak memory is
+one copy of the weights, not two): `reference` runs the model and keeps only its outputs, `compare`
+runs the decoder on the same inputs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -13,6 +20,8 @@ from chai_compile.export.ort_runner import OrtDecoder
 PROMPTS = ("Once upon a time, there was a little girl named Lily. She loved to play",
            "The little dog ran to the park and saw a big red ball. He")
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # fp16 compares an fp16 graph with the fp32 PyTorch model
+PAST_SPLIT = 3  # the with-past check feeds the last 3 prompt tokens through the cache
+PADDING = 2  # left-padding check: row 0 gets 2 pad tokens
 
 
 def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS, length: int = 12) -> torch.Tensor:
@@ -38,37 +47,56 @@ def torch_greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> np.ndarray:
     return torch.stack(new, 1).numpy()
 
 
-def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32", steps: int = 32,
-             atol: float | None = None) -> dict[str, Any]:
-    """Numbers and pass/fail. `model` is the fp32 PyTorch model the graph came from (rewritten or not)."""
-    atol = TOLERANCE[dtype] if atol is None else atol
+@dataclasses.dataclass
+class Reference:
+    """The PyTorch model's outputs on the validation inputs (numpy, so the model itself can be freed)."""
+
+    ids: np.ndarray  # [B, S]
+    logits: np.ndarray  # [B, S, V], no padding
+    padded_ids: np.ndarray
+    padded_mask: np.ndarray
+    padded_logits: np.ndarray
+    greedy: np.ndarray  # [B, steps]
+
+
+def _padded(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pad_ids = ids.clone()
+    pad_ids[0, :PADDING] = pad_id
+    mask = torch.ones_like(ids)
+    mask[0, :PADDING] = 0
+    return pad_ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reference(model: nn.Module, tokenizer: Any, steps: int = 32) -> Reference:
+    """Run the fp32 PyTorch model the graph comes from (rewritten or not) on the validation inputs."""
     ids = prompt_ids(tokenizer)
-    b, s = ids.shape
+    pad_ids, pmask, ppos = _padded(ids, tokenizer.pad_token_id or 0)
     with torch.no_grad():
-        ref = model(ids).logits.float().numpy()
-    # Prefill at past 0
+        logits = model(ids).logits.float().numpy()
+        plogits = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().numpy()
+    return Reference(ids.numpy(), logits, pad_ids.numpy(), pmask.numpy(), plogits, torch_greedy(model, ids, steps))
+
+
+def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32",
+            atol: float | None = None) -> dict[str, Any]:
+    """Numbers and pass/fail of the decoder against `ref`."""
+    atol = TOLERANCE[dtype] if atol is None else atol
+    ids = ref.ids
+    b, s = ids.shape
     mask = np.ones((b, s), np.int64)
     pos = np.broadcast_to(np.arange(s), (b, s)).copy()
-    got, _ = decoder.step(ids.numpy(), mask, pos, decoder.empty_cache(b))
-    d0 = float(np.abs(got.astype(np.float32) - ref).max())
-    # Past > 0: prefill s-3 tokens, then the last 3 through the cache
-    split = s - 3
-    _, past = decoder.step(ids[:, :split].numpy(), mask[:, :split], pos[:, :split], decoder.empty_cache(b))
-    got2, _ = decoder.step(ids[:, split:].numpy(), mask, pos[:, split:], past)
-    d1 = float(np.abs(got2.astype(np.float32) - ref[:, split:]).max())
-    # Left padding in row 0 (2 pad tokens): real positions only
-    pad_ids = ids.clone()
-    pad_ids[0, :2] = tokenizer.pad_token_id or 0
-    pmask = torch.ones(b, s, dtype=torch.int64)
-    pmask[0, :2] = 0
-    ppos = (pmask.cumsum(1) - 1).clamp(min=0)
-    with torch.no_grad():
-        pref = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().numpy()
-    gotp, _ = decoder.step(pad_ids.numpy(), pmask.numpy(), ppos.numpy(), decoder.empty_cache(b))
-    dp = float(np.abs(gotp.astype(np.float32) - pref)[pmask.numpy().astype(bool)].max())
-    # Greedy tokens
-    want = torch_greedy(model, ids, steps)
-    have = decoder.greedy(ids.numpy(), steps)
+    got, _ = decoder.step(ids, mask, pos, decoder.empty_cache(b))
+    d0 = float(np.abs(got.astype(np.float32) - ref.logits).max())
+    split = s - PAST_SPLIT
+    _, past = decoder.step(ids[:, :split], mask[:, :split], pos[:, :split], decoder.empty_cache(b))
+    got2, _ = decoder.step(ids[:, split:], mask, pos[:, split:], past)
+    d1 = float(np.abs(got2.astype(np.float32) - ref.logits[:, split:]).max())
+    ppos = np.clip(np.cumsum(ref.padded_mask, axis=1) - 1, 0, None)
+    gotp, _ = decoder.step(ref.padded_ids, ref.padded_mask, ppos, decoder.empty_cache(b))
+    dp = float(np.abs(gotp.astype(np.float32) - ref.padded_logits)[ref.padded_mask.astype(bool)].max())
+    steps = ref.greedy.shape[1]
+    have = decoder.greedy(ids, steps)
+    want = ref.greedy
     same = int((want == have).all(axis=0).sum()) if want.shape == have.shape else 0
     first_diff = next((i for i in range(steps) if not (want[:, i] == have[:, i]).all()), None)
     tokens_ok = bool(np.array_equal(want, have))
@@ -81,3 +109,9 @@ def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: st
         # fp16 against an fp32 reference may legitimately flip a near-tie token: report it, judge logits only
         "passed": logits_ok and (tokens_ok or dtype != "fp32"),
     }
+
+
+def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32", steps: int = 32,
+             atol: float | None = None) -> dict[str, Any]:
+    """`reference` then `compare`, for callers that keep the model anyway."""
+    return compare(reference(model, tokenizer, steps), decoder, tokenizer, dtype=dtype, atol=atol)
