@@ -1,17 +1,22 @@
-"""ONNX Runtime CPU decode-step time, original vs CHAI graph, side by side (medians + ratio, JSON).
+"""ONNX Runtime decode-step time, original vs CHAI graph, side by side (medians + ratio, JSON).
 
-    python benchmarks/bench_ort_decode.py ORIG_DIR CHAI_DIR [--past 512,2048] [--iters 20] [--out r.json]
-    python benchmarks/bench_ort_decode.py --export smollm2-135m --mapping M.json --work /tmp/bench
+    # two exported decoders (chai-compile export ... --no-mapping / --mapping M)
+    python benchmarks/bench_ort_decode.py ORIG_DIR CHAI_DIR [--past 512,2048] [--batch 1] [--out r.json]
+    # export both first (each through `chai-compile export` in a subprocess: wall time and peak RSS recorded)
+    python benchmarks/bench_ort_decode.py --export smollm2-135m --mapping M.json --work /tmp/bench [--dtype fp16]
+    # a LLaMA-7B-shaped layer stack (random weights, 4096 hidden, 32 heads of 128, 8 clusters of 4 per layer)
+    python benchmarks/bench_ort_decode.py --llama7b-layers 4 --work /tmp/bench7b --dtype fp16 --provider cuda
 
-With --export, both graphs are exported first (through `chai-compile export`, in a subprocess each) and the
-export wall time and peak RSS of the CHAI export are recorded. Steps alternate between the two sessions so
-machine noise hits both equally.
+One decode step = one new token per row with a past of P tokens. Steps alternate between the two sessions
+so machine noise hits both equally. On CUDA the caches live on the device (IO binding) and only the logits
+come back, as in a generation loop; on the CPU the caches are numpy arrays.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import statistics
 import subprocess
@@ -22,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 
-def timed_export(model: str, mapping: str | None, out: Path, attention: str = "portable") -> dict:
+def timed_export(model: str, mapping: str | None, out: Path, dtype: str) -> dict:
     cmd = [sys.executable, "-m", "chai_compile", "export", model, "--out", str(out), "--overwrite",
-           "--attention", attention] + (["--mapping", mapping] if mapping else ["--no-mapping"])
+           "--dtype", dtype] + (["--mapping", mapping] if mapping else ["--no-mapping"])
     t0 = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -37,20 +42,58 @@ def timed_export(model: str, mapping: str | None, out: Path, attention: str = "p
             "peak_rss_is_max_so_far": peak == before, "validation": man["validation"], "stats": man["stats"]}
 
 
-def decode_times(dirs: list[Path], past: int, iters: int, threads: int | None) -> list[list[float]]:
+def llama7b_stack(layers: int, work: Path, dtype: str) -> list[Path]:
+    """Export a random LLaMA-7B-shaped stack, original and CHAI (8 clusters of 4 heads in every layer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chai_compile.adapters import adapter_for
+    from chai_compile.export import onnx_export
+    from chai_compile.fingerprint import model_info
+    from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
+    from chai_compile.rewrite import apply_mapping
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    dirs = []
+    for name in ("original", "chai"):
+        model = LlamaForCausalLM(cfg).eval()
+        if name == "chai":
+            info = model_info(adapter_for(model))
+            # Clusters of 4 neighbouring heads, first head represents: shapes matter here, not weights.
+            clustered = [LayerMapping(i, "clustered", tuple(Cluster(tuple(range(c, c + 4)), c) for c in
+                                                             range(0, 32, 4))) for i in range(layers)]
+            apply_mapping(model, ClusterMapping.build(info, clustered, {"kind": "bench-llama7b"}))
+        if dtype == "fp16":
+            model.half()
+        out = work / name
+        out.mkdir(parents=True, exist_ok=True)
+        onnx_export.export_decoder(model, out, attention="portable", in_place=True)
+        dirs.append(out)
+        del model
+    return dirs
+
+
+def decode_times(dirs: list[Path], past: int, batch: int, iters: int, threads: int | None, provider: str
+                 ) -> list[list[float]]:
     from chai_compile.export.ort_runner import OrtDecoder
 
-    decs = [OrtDecoder(d, providers=["CPUExecutionProvider"], threads=threads) for d in dirs]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
+    decs = [OrtDecoder(d, providers=providers, threads=threads) for d in dirs]
+    if provider == "cuda" and not all(d.use_cuda for d in decs):
+        raise SystemExit("onnxruntime did not give the CUDA execution provider (is onnxruntime-gpu installed?)")
     rng = np.random.default_rng(0)
     feeds = []
     for dec in decs:
         cache = []
         for kh, vh in zip(dec.k_heads, dec.v_heads, strict=True):
-            cache += [rng.standard_normal((1, kh, past, dec.head_dim), dtype=np.float32).astype(dec.float_type),
-                      rng.standard_normal((1, vh, past, dec.head_dim), dtype=np.float32).astype(dec.float_type)]
-        feeds.append((np.array([[5]]), np.ones((1, past + 1), np.int64), np.array([[past]]), cache))
-    for dec, f in zip(decs, feeds, strict=True):  # warm-up
-        for _ in range(3):
+            for heads in (kh, vh):
+                a = rng.standard_normal((batch, heads, past, dec.head_dim), dtype=np.float32).astype(dec.float_type)
+                cache.append(dec.to_device(a) if dec.use_cuda else a)
+        feeds.append((np.full((batch, 1), 5), np.ones((batch, past + 1), np.int64), np.full((batch, 1), past), cache))
+    for dec, f in zip(decs, feeds, strict=True):  # warm-up (CUDA kernels, allocator arenas)
+        for _ in range(5):
             dec.step(*f)
     times: list[list[float]] = [[] for _ in decs]
     for _ in range(iters):
@@ -62,39 +105,58 @@ def decode_times(dirs: list[Path], past: int, iters: int, threads: int | None) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="*", type=Path, help="ORIG_DIR CHAI_DIR")
     ap.add_argument("--export", default=None, help="model to export first (e.g. smollm2-135m)")
     ap.add_argument("--mapping", default=None)
+    ap.add_argument("--llama7b-layers", type=int, default=0, help="export a LLaMA-7B-shaped stack of N layers")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ort"))
+    ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--past", default="512,2048")
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--batch", default="1")
+    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    result: dict = {}
+    import onnxruntime as ort
+
+    result: dict = {"machine": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
+                    "onnxruntime": ort.__version__, "provider": args.provider, "dtype": args.dtype,
+                    "threads": args.threads, "command": " ".join(sys.argv)}
     if args.export:
         args.work.mkdir(parents=True, exist_ok=True)
         orig, chai = args.work / "original", args.work / "chai"
         # CHAI first: RUSAGE_CHILDREN is a max over finished children, so the first one's peak is its own
-        result["export_chai"] = timed_export(args.export, args.mapping, chai)
-        result["export_original"] = timed_export(args.export, None, orig)
+        result["export_chai"] = timed_export(args.export, args.mapping, chai, args.dtype)
+        result["export_original"] = timed_export(args.export, None, orig, args.dtype)
         args.dirs = [orig, chai]
+    elif args.llama7b_layers:
+        t0 = time.perf_counter()
+        args.dirs = llama7b_stack(args.llama7b_layers, args.work, args.dtype)
+        result["llama7b_stack"] = {"layers": args.llama7b_layers, "export_both_s": round(time.perf_counter() - t0, 1),
+                                   "clusters_per_layer": 8, "heads": 32, "head_dim": 128}
     if len(args.dirs) != 2:
-        raise SystemExit("pass ORIG_DIR CHAI_DIR, or --export MODEL --mapping M")
+        raise SystemExit("pass ORIG_DIR CHAI_DIR, --export MODEL --mapping M, or --llama7b-layers N")
     result["graphs"] = [str(d) for d in args.dirs]
-    result["decode"] = {}
-    for past in [int(p) for p in args.past.split(",")]:
-        t = decode_times(args.dirs, past, args.iters, args.threads)
-        med = [statistics.median(x) * 1e3 for x in t]
-        result["decode"][str(past)] = {"original_ms": round(med[0], 3), "chai_ms": round(med[1], 3),
-                                       "ratio_original_over_chai": round(med[0] / med[1], 3), "iters": args.iters}
-        print(f"past {past}: original {med[0]:.2f} ms, CHAI {med[1]:.2f} ms, ratio {med[0] / med[1]:.3f}",
-              file=sys.stderr)
+    rows = []
+    for batch in [int(b) for b in args.batch.split(",")]:
+        for past in [int(p) for p in args.past.split(",")]:
+            t = decode_times(args.dirs, past, batch, args.iters, args.threads, args.provider)
+            med = [statistics.median(x) * 1e3 for x in t]
+            rows.append({"batch": batch, "past": past, "original_ms": round(med[0], 3), "chai_ms": round(med[1], 3),
+                         "ratio_original_over_chai": round(med[0] / med[1], 3), "iters": args.iters,
+                         "original_all_ms": [round(x * 1e3, 3) for x in t[0]],
+                         "chai_all_ms": [round(x * 1e3, 3) for x in t[1]]})
+    result["decode"] = rows
     text = json.dumps(result, indent=1)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(text)
+    print(f"{'batch':>5} {'past':>6} {'original ms':>12} {'CHAI ms':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['past']:>6} {r['original_ms']:>12.3f} {r['chai_ms']:>9.3f} "
+              f"{r['ratio_original_over_chai']:>6.3f}")
 
 
 if __name__ == "__main__":

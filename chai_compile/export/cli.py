@@ -151,14 +151,40 @@ def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, att
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--out", "out", default=None, type=click.Path(), help="Write verify-artifact.json and .md here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None, steps: int,
-                    as_json: bool) -> None:
+                    as_json: bool, out: str | None, overwrite: bool) -> None:
     """Check an export directory against PyTorch: logits, greedy tokens, and tasks through ONNX Runtime."""
+    if out:
+        check_output_dir(out, overwrite)  # before the minutes of work
     result = run_verify_artifact(artifact, model_spec, tasks_text, limit, steps, log=lambda m: click.echo(m, err=True))
+    if out:
+        _write_verify_artifact(out, overwrite, artifact, result)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     if not result["passed"]:
         raise ValidationFailed(f"artifact {artifact} disagrees with PyTorch", fix="see the report above")
+
+
+def _write_verify_artifact(out: str, overwrite: bool, artifact: str, result: dict[str, Any]) -> None:
+    from chai_compile.fileio import staged_output_dir, write_json
+
+    v = result["validation"]
+    lines = [f"# verify-artifact {artifact}", "",
+             f"passed: **{result['passed']}**; max abs logit diff {v['max_abs_diff_past0']:.3g} (past 0), "
+             f"{v['max_abs_diff_past']:.3g} (past > 0), {v['max_abs_diff_left_padded']:.3g} (left padded), "
+             f"tolerance {v['atol']}; greedy {v['greedy_steps_matching']}/{v['greedy_steps']} steps identical", ""]
+    if "tasks" in result:
+        lines += ["| task | n | metric | ONNX Runtime | PyTorch | identical predictions | equal |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, t in result["tasks"].items():
+            for k, val in t["onnxruntime"].items():
+                lines.append(f"| {name} | {t['n']} | {k} | {val:.4f} | {t['torch'][k]:.4f} | "
+                             f"{t['identical_predictions']} | {t['equal']} |")
+    with staged_output_dir(out, overwrite) as stage:
+        write_json(stage / "verify-artifact.json", result)
+        (stage / "verify-artifact.md").write_text("\n".join(lines) + "\n")
 
 
 def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None,
@@ -191,7 +217,8 @@ def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str |
         tasks_out = {}
         for name in ort_res:
             keys = [k for k in ("acc", "acc_norm", "ppl") if k in ort_res[name]]
-            same_preds = ort_res[name].get("predictions") == pt_res[name].get("predictions")
+            same_preds = (ort_res[name]["predictions"] == pt_res[name]["predictions"]
+                          if "predictions" in ort_res[name] else None)  # perplexity tasks have none
             tasks_out[name] = {"onnxruntime": {k: ort_res[name][k] for k in keys},
                                "torch": {k: pt_res[name][k] for k in keys}, "n": ort_res[name]["n"],
                                "identical_predictions": same_preds}

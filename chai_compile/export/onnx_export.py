@@ -9,9 +9,11 @@ carries only the kept heads (the shapes come from the module, not the config).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,43 @@ def translation_table() -> dict[Any, Any]:
     return {torch.ops.aten.silu.default: _precise_silu}
 
 
+class _TransposedLinear(nn.Module):
+    """nn.Linear computed as x @ W^T, with W^T held as a view of W (no copy).
+
+    Why: the exporter writes nn.Linear as MatMul(x, Transpose(W)) and its optimizer folds each Transpose
+    into a new initializer, so a whole second copy of the weights sits in memory until the graph is
+    saved. With W^T as the parameter the graph is the same MatMul and nothing is folded.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(linear.weight.detach().t(), requires_grad=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+@contextlib.contextmanager
+def transposed_linears(model: nn.Module) -> Iterator[None]:
+    """Swap every nn.Linear for a _TransposedLinear while exporting; the originals come back afterwards."""
+    # A tied weight (lm_head = embedding) stays: its Transpose is not folded, and a W^T view would be
+    # written as a second initializer.
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    swapped = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and uses[id(child.weight)] == 1]
+    for parent, name, child in swapped:
+        setattr(parent, name, _TransposedLinear(child))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4
                   ) -> tuple[torch.Tensor, ...]:
     """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1."""
@@ -190,7 +229,7 @@ def export_decoder(
     out_names = ["logits", *present_names(spec.num_layers)]
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), transposed_linears(wrapper):
             prog = torch.onnx.export(
                 wrapper, inputs, dynamic_shapes=dynamic_shapes(spec.num_layers), input_names=in_names,
                 output_names=out_names, dynamo=True, opset_version=opset, custom_translation_table=table,

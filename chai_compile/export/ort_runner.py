@@ -35,6 +35,12 @@ def _session(path: Path, providers: list[str] | None, threads: int | None) -> An
         avail = ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail \
             else ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in providers:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when the system has none on its path
+        # fp32 graphs stay fp32 on the GPU: TF32 matmuls would move logits by ~1e-2, past any parity check.
+        providers = [("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
+                     for p in providers]
     return ort.InferenceSession(model_arg, opts, providers=providers)
 
 
@@ -76,35 +82,47 @@ class OrtDecoder:
         self.name = "onnxruntime"
         self.max_length = 2048
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int) -> list[Any]:
+        """Zero-length past tensors: numpy on CPU, OrtValues on the device under CUDA."""
         out = []
         for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
             out += [np.zeros((batch, kh, 0, self.head_dim), self.float_type),
                     np.zeros((batch, vh, 0, self.head_dim), self.float_type)]
-        return out
+        return [self.to_device(a) for a in out] if self.use_cuda else out
+
+    def to_device(self, array: np.ndarray) -> Any:
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward: logits [B, S, V] and the present cache."""
+             past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        """One forward: logits [B, S, V] (numpy) and the present cache (numpy, or OrtValues on CUDA)."""
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  "position_ids": position_ids.astype(np.int64)}
-        feeds.update(zip(self.past_inputs, past, strict=True))
         if self.use_cuda:
-            return self._step_cuda(feeds)
+            return self._step_cuda(feeds, past)
+        feeds.update(zip(self.past_inputs, past, strict=True))
         outs = self.session.run(self.output_names, feeds)
         return outs[0], outs[1:]
 
-    def _step_cuda(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        # IO binding: outputs stay on the device between steps would need OrtValue caches; binding the
-        # outputs to CUDA and copying logits back is the simple form that avoids per-output host syncs.
+    def _step_cuda(self, feeds: dict[str, np.ndarray], past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        # IO binding: the cache stays on the device from step to step (present -> next past) and only the
+        # logits come back to the host; small int inputs are copied in.
         binding = self.session.io_binding()
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
-        for name in self.output_names:
+        for name, value in zip(self.past_inputs, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.output_names[0], "cpu")
+        for name in self.output_names[1:]:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        outs = binding.copy_outputs_to_cpu()
-        return outs[0], outs[1:]
+        outs = binding.get_outputs()
+        return outs[0].numpy(), list(outs[1:])
 
     def greedy(self, input_ids: np.ndarray, steps: int, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Greedy decode `steps` new tokens with the cache; returns [B, steps] token ids."""
