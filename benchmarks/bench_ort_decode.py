@@ -80,7 +80,9 @@ def decode_times(dirs: list[Path], past: int, batch: int, iters: int, threads: i
     from chai_compile.export.ort_runner import OrtDecoder
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
-    decs = [OrtDecoder(d, providers=providers, threads=threads) for d in dirs]
+    # No spinning: the two sessions take turns, and a spinning pool would steal the other's cores.
+    spin = {"session.intra_op.allow_spinning": "0"}
+    decs = [OrtDecoder(d, providers=providers, threads=threads, config=spin) for d in dirs]
     if provider == "cuda" and not all(d.use_cuda for d in decs):
         raise SystemExit("onnxruntime did not give the CUDA execution provider (is onnxruntime-gpu installed?)")
     rng = np.random.default_rng(0)

@@ -15,12 +15,14 @@ from chai_compile.errors import ExportError
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None) -> Any:
+def _session(path: Path, providers: list[str] | None, threads: int | None, config: dict[str, str] | None) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    for k, v in (config or {}).items():
+        opts.add_session_config_entry(k, v)
     model_arg: Any = str(path)
     import onnx
 
@@ -59,12 +61,13 @@ def _extensions_library() -> str:
 class OrtDecoder:
     """An exported decoder directory (model.onnx [+ data], manifest.json) in ONNX Runtime."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
+                 config: dict[str, str] | None = None) -> None:
         path = Path(path)
         self.path = path / "model.onnx" if path.is_dir() else path
         if not self.path.is_file():
             raise ExportError("no exported graph found", value=str(path), fix="pass an export directory")
-        self.session = _session(self.path, providers, threads)
+        self.session = _session(self.path, providers, threads, config)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_inputs = [n for n in self.inputs if n.startswith("past_key_values.")]
