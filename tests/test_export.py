@@ -180,3 +180,33 @@ def test_cli_one_line_error(tmp_path, mapping_file):
     r = CliRunner().invoke(main, ["export", str(STORIES), "--mapping", str(mapping_file), "--opset", "12",
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "opset 12 is too old" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_artifact_files_are_hashed_in_the_manifest(portable):
+    import hashlib
+
+    out, man = portable
+    assert man["external_data"] == "model.onnx.data"
+    for name in ("model.onnx", "model.onnx.data", "mapping.json"):
+        data = (out / name).read_bytes()
+        assert man["files"][name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_verify_artifact_dir_through_the_cli(portable, tmp_path):
+    """`chai-compile verify ARTIFACT_DIR`: logits, greedy tokens and a task through ONNX Runtime, report files."""
+    from click.testing import CliRunner
+
+    from chai_compile.cli import main
+
+    report = tmp_path / "report"
+    r = CliRunner().invoke(main, ["verify", str(portable[0]), "--tasks", "piqa", "--limit", "12", "--out", str(report)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((report / "verify-artifact.json").read_text())
+    assert res["passed"] and res["validation"]["greedy_identical"]
+    piqa = res["tasks"]["piqa"]
+    assert piqa["n"] == 12 and piqa["equal"] and piqa["onnxruntime"] == piqa["torch"]
+    assert "| piqa | 12 |" in (report / "verify-artifact.md").read_text()
+    # An export directory carries its own mapping: a second one is a one-line usage error.
+    r = CliRunner().invoke(main, ["verify", str(portable[0]), "--mapping", str(portable[0] / "mapping.json")])
+    assert r.exit_code != 0 and "--mapping is not used with an export directory" in r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -155,7 +155,20 @@ def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, att
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 def verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None, steps: int,
                     as_json: bool, out: str | None, overwrite: bool) -> None:
-    """Check an export directory against PyTorch: logits, greedy tokens, and tasks through ONNX Runtime."""
+    """Check an export directory against PyTorch: logits, greedy tokens, and tasks through ONNX Runtime.
+
+    `chai-compile verify ARTIFACT_DIR` runs the same check; this command adds --model and --steps."""
+    check_artifact(artifact, model_spec, tasks_text, limit, steps, as_json, out, overwrite)
+
+
+def is_artifact(path: str) -> bool:
+    """An export directory (what `chai-compile export` writes), as opposed to a model spec."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def check_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None, steps: int,
+                   as_json: bool, out: str | None, overwrite: bool) -> None:
+    """Validate ARTIFACT against PyTorch, write the report, exit non-zero (ValidationFailed) on a mismatch."""
     if out:
         check_output_dir(out, overwrite)  # before the minutes of work
     result = run_verify_artifact(artifact, model_spec, tasks_text, limit, steps, log=lambda m: click.echo(m, err=True))

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from chai_compile.errors import ValidationFailed
+from chai_compile.errors import MappingError, ValidationFailed
 from chai_compile.fileio import check_output_dir
 
 
@@ -88,7 +88,18 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
            task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
            window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str,
            overwrite: bool, as_json: bool) -> None:
-    """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time."""
+    """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time.
+
+    MODEL may also be an export directory: the artifact is then checked against its PyTorch source
+    (logits, greedy tokens, and --tasks run through ONNX Runtime), as `chai-compile verify-artifact`."""
+    from chai_compile.export.cli import check_artifact, is_artifact
+
+    if is_artifact(model):
+        if mapping_path:
+            raise MappingError("--mapping is not used with an export directory (its mapping.json is)",
+                              value=mapping_path, fix="drop --mapping")
+        check_artifact(model, None, tasks_text, limit, 32, as_json, out_dir, overwrite)
+        return
     from chai_compile.loading import load_model
     from chai_compile.mapping import ClusterMapping
     from chai_compile.verify.compare import max_drop_violations
