@@ -57,6 +57,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
     tokenizer, source = _load(model, mapping)
     log("running the PyTorch model for the validation reference")
     reference = validate.reference(source, tokenizer, steps)
+    release_memory()  # the reference's activations
     cache = onnx_export.cache_spec(source)
     if dtype == "fp16":
         source.half()  # the reference above stays fp32, as the fp16 tolerance assumes

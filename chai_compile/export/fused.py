@@ -178,11 +178,12 @@ def register_ort_op() -> None:
 def ort_ready_model(path: Path) -> bytes:
     """The fused graph with each list attribute also as a JSON string attribute (what the Python op reads).
 
-    The file on disk keeps the contract unchanged; this copy lives only in the session.
+    The file on disk keeps the contract unchanged; this copy lives only in the session. Its weights stay
+    in the external data file (the session is told where, see ort_runner): only the graph is copied.
     """
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         if node.domain == fused_op.DOMAIN and node.op_type == fused_op.OP_TYPE:
             for a in list(node.attribute):

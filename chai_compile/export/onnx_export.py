@@ -203,7 +203,8 @@ def export_decoder(
 
     attention="fused" replaces every clustered layer's attention core by one ClusteredAttention node
     (see chai_compile.export.fused) on a copy of the model, or on the model itself with in_place=True
-    (saves one copy of the weights when the caller is done with the model).
+    (saves one copy of the weights when the caller is done with the model; its parameters are emptied
+    once written, so that nothing the exporter keeps alive holds them).
 
     Weights always go to the external data file, whatever the model's size: the writer streams one
     tensor at a time instead of building a second in-memory copy of the model as one protobuf, ONNX
@@ -241,6 +242,17 @@ def export_decoder(
     finalize_ir(prog.model, metadata or {})
     path = Path(out_dir) / GRAPH_NAME
     prog.save(str(path), external_data=True)
+    # The exporter's IR values hold the weights (W^T views included), and onnxscript's module-level rewrite
+    # rules keep the last graph they matched alive: cut both links so the caller can free the weights
+    # before ONNX Runtime maps its own copy.
+    graph = prog.model.graph
+    for value in [*graph.initializers.values(), *(v for node in graph.all_nodes() for v in node.inputs if v)]:
+        value.const_value = None
+    graph.initializers.clear()
+    del prog, graph
+    if in_place:
+        for param in model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype)
     return ExportResult(path, DATA_NAME, spec, in_names, out_names, time.perf_counter() - t0)
 
 

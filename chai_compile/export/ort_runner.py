@@ -33,6 +33,8 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
 
         opts.register_custom_ops_library(_extensions_library())
         model_arg = ort_ready_model(path)
+        # Loaded from bytes, the graph's external data is found relative to this folder.
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if providers is None:
         avail = ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail \
