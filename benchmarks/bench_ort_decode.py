@@ -2,7 +2,7 @@
 
     # two exported decoders (chai-compile export ... --no-mapping / --mapping M)
     python benchmarks/bench_ort_decode.py ORIG_DIR CHAI_DIR [--past 512,2048] [--batch 1] [--out r.json]
-    # export both first (each through `chai-compile export` in a subprocess: wall time and peak RSS recorded)
+    # export both first (each in its own process: wall time and that process's peak RSS recorded)
     python benchmarks/bench_ort_decode.py --export smollm2-135m --mapping M.json --work /tmp/bench [--dtype fp16]
     # a LLaMA-7B-shaped layer stack (random weights, 4096 hidden, 32 heads of 128, 8 clusters of 4 per layer)
     python benchmarks/bench_ort_decode.py --llama7b-layers 4 --work /tmp/bench7b --dtype fp16 --provider cuda
@@ -17,29 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-
-
-def timed_export(model: str, mapping: str | None, out: Path, dtype: str) -> dict:
-    cmd = [sys.executable, "-m", "chai_compile", "export", model, "--out", str(out), "--overwrite",
-           "--dtype", dtype] + (["--mapping", mapping] if mapping else ["--no-mapping"])
-    t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(f"export failed: {proc.stderr.strip().splitlines()[-1:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; max over children so far
-    man = json.loads((out / "manifest.json").read_text())
-    return {"cmd": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_mb": round(peak / 1024, 1),
-            "peak_rss_is_max_so_far": peak == before, "validation": man["validation"], "stats": man["stats"]}
+from bench_export import run_export  # sibling script: one way to time an export
 
 
 def llama7b_stack(layers: int, work: Path, dtype: str) -> list[Path]:
@@ -130,8 +114,8 @@ def main() -> None:
         args.work.mkdir(parents=True, exist_ok=True)
         orig, chai = args.work / "original", args.work / "chai"
         # CHAI first: RUSAGE_CHILDREN is a max over finished children, so the first one's peak is its own
-        result["export_chai"] = timed_export(args.export, args.mapping, chai, args.dtype)
-        result["export_original"] = timed_export(args.export, None, orig, args.dtype)
+        result["export_chai"] = run_export(args.export, args.mapping, chai, "portable", args.dtype)
+        result["export_original"] = run_export(args.export, None, orig, "portable", args.dtype)
         args.dirs = [orig, chai]
     elif args.llama7b_layers:
         t0 = time.perf_counter()

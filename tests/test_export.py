@@ -88,6 +88,21 @@ def test_portable_sliced_qk_and_kept_k_cache(portable, stories):
         assert kin["shape"][1] == want
 
 
+def test_dense_gqa_attention_reads_the_cache_unrepeated(portable, stories):
+    """stories260K has 8 query heads over 4 KV heads: its dense layer's Attention node must take the present
+    K/V (Concat of past and new, KV heads only), not a copy repeated to the query heads."""
+    import onnx
+
+    out, _ = portable
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert stories.model.config.num_key_value_heads < stories.model.config.num_attention_heads
+    outputs = {o.name for o in model.graph.output}
+    attention = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert attention, "the dense layer should export as one Attention node"
+    for node in attention:
+        assert node.input[1] in outputs and node.input[2] in outputs, list(node.input[:3])
+
+
 def test_fused_graph_nodes_and_ort_parity(fused, stories):
     import onnx
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,6 +141,25 @@ class _TransposedLinear(nn.Module):
 
 
 @contextlib.contextmanager
+def native_gqa() -> Iterator[None]:
+    """Let grouped-query layers reach SDPA with their KV heads, not repeated to the query heads.
+
+    Why: with a padding mask, transformers' SDPA path repeats K and V to all query heads before the call,
+    and the exporter writes that as Expand + Reshape of the whole cache on every step (SmolLM2: 3 KV heads
+    copied to 9, 30 layers). With the repeat skipped the graph's Attention node does GQA itself.
+    """
+    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextlib.contextmanager
 def transposed_linears(model: nn.Module) -> Iterator[None]:
     """Swap every nn.Linear for a _TransposedLinear while exporting; the originals come back afterwards."""
     # A tied weight (lm_head = embedding) stays: its Transpose is not folded, and a W^T view would be
@@ -230,7 +251,10 @@ def export_decoder(
     out_names = ["logits", *present_names(spec.num_layers)]
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), transposed_linears(wrapper):
+        with torch.no_grad(), transposed_linears(wrapper), native_gqa(), warnings.catch_warnings():
+            # Same-named dynamic axes across inputs are intended (one batch, one seq, one past): the
+            # exporter warns once per axis that it merged them.
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
             prog = torch.onnx.export(
                 wrapper, inputs, dynamic_shapes=dynamic_shapes(spec.num_layers), input_names=in_names,
                 output_names=out_names, dynamo=True, opset_version=opset, custom_translation_table=table,
