@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -146,17 +145,24 @@ def native_gqa() -> Iterator[None]:
 
     Why: with a padding mask, transformers' SDPA path repeats K and V to all query heads before the call,
     and the exporter writes that as Expand + Reshape of the whole cache on every step (SmolLM2: 3 KV heads
-    copied to 9, 30 layers). With the repeat skipped the graph's Attention node does GQA itself.
+    copied to 9 in 30 layers; 2.5x slower decode on ONNX Runtime CPU at batch 4, past 2048). With SDPA's
+    enable_gqa the graph's Attention node does GQA itself. transformers decides this in one module-level
+    function, looked up at call time, so it is swapped for the export only.
     """
-    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
-    os.environ[key] = "1"
+    try:
+        from transformers.integrations import sdpa_attention
+    except ImportError:
+        yield
+        return
+    saved = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
+    if saved is None:
+        yield
+        return
+    sdpa_attention.use_gqa_in_sdpa = lambda *args, **kwargs: True
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
+        sdpa_attention.use_gqa_in_sdpa = saved
 
 
 @contextlib.contextmanager
