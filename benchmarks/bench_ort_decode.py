@@ -113,7 +113,6 @@ def main() -> None:
     if args.export:
         args.work.mkdir(parents=True, exist_ok=True)
         orig, chai = args.work / "original", args.work / "chai"
-        # CHAI first: RUSAGE_CHILDREN is a max over finished children, so the first one's peak is its own
         result["export_chai"] = run_export(args.export, args.mapping, chai, "portable", args.dtype)
         result["export_original"] = run_export(args.export, None, orig, "portable", args.dtype)
         args.dirs = [orig, chai]

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from chai_compile.errors import ExportError, ValidationFailed
+from chai_compile.export.validate import GREEDY_STEPS
 from chai_compile.fileio import check_output_dir
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
@@ -29,7 +30,7 @@ def _load(model: str, mapping: Any) -> tuple[Any, Any]:
 
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
-               opset: int, out: str, overwrite: bool, steps: int = 32, log: Any = print) -> dict[str, Any]:
+               opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print) -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import staged_output_dir, write_json
@@ -134,7 +135,8 @@ def _build_engine(res: Any, stage: Path, dtype: str) -> None:
 @click.option("--opset", type=int, default=23, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
-@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Greedy steps compared.")
+@click.option("--steps", type=click.IntRange(min=1), default=GREEDY_STEPS, show_default=True,
+              help="Greedy steps compared.")
 def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str, opset: int,
            out: str, overwrite: bool, steps: int) -> None:
     """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
@@ -150,7 +152,7 @@ def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, att
 @click.option("--model", "model_spec", default=None, help="PyTorch model (default: the manifest's source).")
 @click.option("--tasks", "tasks_text", default=None, help="Comma-separated task names run through ONNX Runtime.")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
-@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=GREEDY_STEPS, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", "out", default=None, type=click.Path(), help="Write verify-artifact.json and .md here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
@@ -202,7 +204,7 @@ def _write_verify_artifact(out: str, overwrite: bool, artifact: str, result: dic
 
 
 def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None,
-                        steps: int = 32, log: Any = print) -> dict[str, Any]:
+                        steps: int = GREEDY_STEPS, log: Any = print) -> dict[str, Any]:
     from chai_compile.export import validate
     from chai_compile.export.ort_runner import OrtDecoder
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 from copy import deepcopy
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,15 +174,15 @@ def register_ort_op() -> None:
         return out.numpy(), pk.numpy(), pv.numpy()
 
 
-def ort_ready_model(path: Path) -> bytes:
+def ort_ready_model(model: Any) -> bytes:
     """The fused graph with each list attribute also as a JSON string attribute (what the Python op reads).
 
     The file on disk keeps the contract unchanged; this copy lives only in the session. Its weights stay
     in the external data file (the session is told where, see ort_runner): only the graph is copied.
+    `model` is the ModelProto loaded without its external data; it is changed in place.
     """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         if node.domain == fused_op.DOMAIN and node.op_type == fused_op.OP_TYPE:
             for a in list(node.attribute):

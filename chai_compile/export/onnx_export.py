@@ -152,8 +152,7 @@ def native_gqa() -> Iterator[None]:
     try:
         from transformers.integrations import sdpa_attention
     except ImportError:
-        yield
-        return
+        sdpa_attention = None
     saved = getattr(sdpa_attention, "use_gqa_in_sdpa", None)
     if saved is None:
         yield

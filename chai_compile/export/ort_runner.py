@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from chai_compile import fused_op
 from chai_compile.errors import ExportError
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -27,12 +28,12 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    if any(n.domain == "ai.onnx.contrib" for n in proto.graph.node):
+    if any(n.domain == fused_op.DOMAIN for n in proto.graph.node):
         # The fused graph: its ClusteredAttention nodes run through the onnxruntime-extensions Python op.
         from chai_compile.export.fused import ort_ready_model
 
         opts.register_custom_ops_library(_extensions_library())
-        model_arg = ort_ready_model(path)
+        model_arg = ort_ready_model(proto)
         # Loaded from bytes, the graph's external data is found relative to this folder.
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     if providers is None:

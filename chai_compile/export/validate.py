@@ -25,6 +25,7 @@ FP32_ATOL = 1e-4
 FP16_RELATIVE = 0.02
 PAST_SPLIT = 3  # the with-past check feeds the last 3 prompt tokens through the cache
 PADDING = 2  # left-padding check: row 0 gets 2 pad tokens
+GREEDY_STEPS = 32  # what the export, verify-artifact and verify ARTIFACT_DIR compare by default
 
 
 def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS, length: int = 12) -> torch.Tensor:
@@ -70,7 +71,7 @@ def _padded(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
     return pad_ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def reference(model: nn.Module, tokenizer: Any, steps: int = 32) -> Reference:
+def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Reference:
     """Run the fp32 PyTorch model the graph comes from (rewritten or not) on the validation inputs."""
     ids = prompt_ids(tokenizer)
     pad_ids, pmask, ppos = _padded(ids, tokenizer.pad_token_id or 0)
@@ -115,7 +116,7 @@ def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str =
     }
 
 
-def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32", steps: int = 32,
+def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32", steps: int = GREEDY_STEPS,
              atol: float | None = None) -> dict[str, Any]:
     """`reference` then `compare`, for callers that keep the model anyway."""
     return compare(reference(model, tokenizer, steps), decoder, tokenizer, dtype=dtype, atol=atol)

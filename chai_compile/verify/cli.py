@@ -92,13 +92,13 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     MODEL may also be an export directory: the artifact is then checked against its PyTorch source
     (logits, greedy tokens, and --tasks run through ONNX Runtime), as `chai-compile verify-artifact`."""
-    from chai_compile.export.cli import check_artifact, is_artifact
+    from chai_compile.export.cli import GREEDY_STEPS, check_artifact, is_artifact
 
     if is_artifact(model):
         if mapping_path:
             raise MappingError("--mapping is not used with an export directory (its mapping.json is)",
                               value=mapping_path, fix="drop --mapping")
-        check_artifact(model, None, tasks_text, limit, 32, as_json, out_dir, overwrite)
+        check_artifact(model, None, tasks_text, limit, GREEDY_STEPS, as_json, out_dir, overwrite)
         return
     from chai_compile.loading import load_model
     from chai_compile.mapping import ClusterMapping
