@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.compat import model_forward, output_cache
 from chai_compile.mapping import ClusterMapping
 
 
@@ -56,12 +57,12 @@ def measure_kv_cache(model: nn.Module, tokens: int = 512, decode_steps: int = 0,
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)
     prefill_s = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache = output_cache(out)
     t0 = time.perf_counter()
     for _ in range(decode_steps):
         nxt = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model_forward(model, cache, input_ids=nxt)
+        cache = output_cache(out)
     decode_s = time.perf_counter() - t0
     b = cache_bytes(cache)
     stored = batch * (tokens + decode_steps)
