@@ -16,9 +16,10 @@ import torch
 from transformers import DynamicCache
 
 from chai_compile.adapters import adapter_for
-from chai_compile.compat import CacheCompatError, model_forward
+from chai_compile.compat import CacheCompatError
 from chai_compile.mapping import ClusterMapping
 from chai_compile.rewrite import apply_mapping, kv_cache_bytes
+from chai_compile.verify.measure import decode_differences
 from tests.conftest import REPO, STORIES
 from tests.test_rewrite import eager_copy, paired_mapping
 from tests.tiny_models import FAMILIES, tiny_model
@@ -35,34 +36,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _new_cache(model: torch.nn.Module) -> DynamicCache:
-    return DynamicCache(config=model.config)
-
-
-@torch.no_grad()
-def decode_differences(model: torch.nn.Module, ids: torch.Tensor, splits: tuple[int, ...]) -> dict[str, float]:
-    """Max |logit difference| against the cache-free full forward: per split point and token by token."""
-    full = model(input_ids=ids, use_cache=False).logits
-    diffs = {}
-    for p in splits:
-        cache = _new_cache(model)
-        head = model_forward(model, cache, input_ids=ids[:, :p]).logits
-        tail = model_forward(model, cache, input_ids=ids[:, p:]).logits
-        diffs[f"split@{p}"] = (torch.cat([head, tail], 1) - full).abs().max().item()
-    cache = _new_cache(model)
-    steps = [model_forward(model, cache, input_ids=ids[:, t : t + 1]).logits for t in range(ids.shape[1])]
-    diffs["token_by_token"] = (torch.cat(steps, 1) - full).abs().max().item()
-    diffs["_cache"] = cache  # type: ignore[assignment]  (the filled cache, for the bytes check)
-    return diffs
-
-
-def predicted_cache_bytes(mapping: ClusterMapping, batch: int, tokens: int, elem: int) -> list[tuple[int, int]]:
-    """Per layer (K bytes, V bytes) from the mapping: K for the kept KV heads, V for every KV head."""
-    m = mapping.model
-    per_token = batch * tokens * m.head_dim * elem
-    return [(len(mapping.kept_k_heads(i)) * per_token, m.num_kv_heads * per_token) for i in range(m.num_layers)]
-
-
 def check(model: torch.nn.Module, mapping: ClusterMapping, ids: torch.Tensor) -> None:
     """Cached decode of the rewritten model equals its full forward, and its cache has the predicted bytes.
 
@@ -72,13 +45,11 @@ def check(model: torch.nn.Module, mapping: ClusterMapping, ids: torch.Tensor) ->
     """
     splits = (1, ids.shape[1] // 2, ids.shape[1] - 1)
     chai = apply_mapping(eager_copy(model), mapping)
-    diffs = decode_differences(chai, ids, splits)
-    cache = diffs.pop("_cache")
-    floor = decode_differences(eager_copy(model), ids, splits)
-    floor.pop("_cache")
+    diffs, cache = decode_differences(chai, ids, splits)
+    floor, _ = decode_differences(eager_copy(model), ids, splits)
     assert max(diffs.values()) <= max(TOL, 2 * max(floor.values())), (diffs, floor)
     measured = [(p["key_bytes"], p["value_bytes"]) for p in kv_cache_bytes(cache)["per_layer"]]
-    assert measured == predicted_cache_bytes(mapping, ids.shape[0], ids.shape[1], 4)
+    assert measured == mapping.cache_bytes(ids.numel(), elem_bytes=4)
     assert mapping.summary()["k_heads_kept"] < mapping.summary()["k_heads_total"]  # a real saving was tested
 
 
@@ -114,10 +85,10 @@ def test_cache_under_an_unknown_name_is_an_error():
     adapter = adapter_for(model)
     hidden = torch.zeros(1, 3, model.config.hidden_size)
     with pytest.raises(CacheCompatError, match="came as `kv_renamed`"):
-        adapter.call_inputs((hidden,), {"kv_renamed": _new_cache(model)})
+        adapter.call_inputs((hidden,), {"kv_renamed": DynamicCache(config=model.config)})
     with pytest.raises(CacheCompatError, match="use_cache=True"):
         adapter.call_inputs((hidden,), {"use_cache": True})
-    call = adapter.call_inputs((hidden,), {adapter.cache_kwarg: _new_cache(model)})
+    call = adapter.call_inputs((hidden,), {adapter.cache_kwarg: DynamicCache(config=model.config)})
     assert call.cache is not None
 
 
@@ -136,3 +107,19 @@ def test_smollm2_chai_export_validates(tmp_path):
     v = json.loads(Path(out, "manifest.json").read_text())["validation"]
     assert v["passed"] and v["greedy_identical"], v
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
+
+
+def test_verify_refuses_a_cache_that_differs_from_the_prediction():
+    """verify's KV figure is checked: the original's full cache, or an empty one, is not a CHAI saving."""
+    from chai_compile.errors import ValidationFailed
+    from chai_compile.verify.measure import check_cache_prediction, measure_kv_cache
+
+    model = tiny_model("llama-gqa")
+    mapping = paired_mapping(model, dense=())
+    chai = apply_mapping(eager_copy(model), mapping)
+    check_cache_prediction(measure_kv_cache(chai, tokens=16, decode_steps=2), mapping)  # the real thing passes
+    with pytest.raises(ValidationFailed, match="layer 0"):
+        check_cache_prediction(measure_kv_cache(model, tokens=16, decode_steps=2), mapping)
+    empty = measure_kv_cache(chai, tokens=16) | {"per_layer_bytes": [[0, 0]] * 2}
+    with pytest.raises(ValidationFailed, match=r"measured \[0, 0\]"):
+        check_cache_prediction(empty, mapping)
