@@ -8,6 +8,7 @@ derived K-cache heads consistent, and (via `check_model`) the model fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,9 @@ from chai_compile.fileio import atomic_write_text
 
 FORMAT = "chai-compile/cluster-mapping"
 SCHEMA_VERSION = 1
+# Version 2 adds a reference to refit weights; a plan without weights is still written as version 1,
+# and a reader that only knows version 1 refuses a plan whose weights it would silently ignore.
+SCHEMA_VERSION_WEIGHTS = 2
 # Layer kinds this schema version can carry. "shared" (cross-layer reuse of attention
 # probabilities) is reserved for a later version; readers of v1 reject it by name.
 LAYER_KINDS = ("dense", "clustered")
@@ -30,6 +34,14 @@ RESERVED_LAYER_KINDS = ("shared",)
 class Cluster:
     members: tuple[int, ...]
     representative: int
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Refit weights a plan carries: a safetensors file beside the plan, and its sha256."""
+
+    file: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,8 @@ class ClusterMapping:
     model: ModelInfo
     layers: tuple[LayerMapping, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    weights: WeightsRef | None = None
+    source_dir: str | None = field(default=None, compare=False)  # where it was read from (weights live there)
 
     # ---- derived quantities -------------------------------------------------------------
     def layer(self, index: int) -> LayerMapping:
@@ -276,9 +290,10 @@ class ClusterMapping:
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         m = self.model
+        weights = {"weights": {"file": self.weights.file, "sha256": self.weights.sha256}} if self.weights else {}
         return {
             "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION_WEIGHTS if self.weights else SCHEMA_VERSION,
             "model": {
                 "architecture": m.architecture,
                 "model_type": m.model_type,
@@ -295,6 +310,7 @@ class ClusterMapping:
             },
             "layers": [_layer_to_dict(lm, m) for lm in self.layers],
             "provenance": self.provenance,
+            **weights,
         }
 
     def to_json(self) -> str:
@@ -319,7 +335,8 @@ class ClusterMapping:
                 f"column {e.colno}",
                 fix="regenerate it with `chai-compile profile`",
             ) from None
-        return cls.from_dict(data, source=str(path))
+        mapping = cls.from_dict(data, source=str(path))
+        return dataclasses.replace(mapping, source_dir=str(path.parent))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "mapping") -> ClusterMapping:
@@ -327,7 +344,7 @@ class ClusterMapping:
             raise MappingError(f"{source} is not a chai-compile cluster mapping (format field missing)",
                                value=data.get("format") if isinstance(data, dict) else type(data).__name__)
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS):
             raise MappingError(
                 f"{source}: schema_version {version!r} is not supported; this chai-compile reads "
                 f"version {SCHEMA_VERSION}",
@@ -351,7 +368,7 @@ class ClusterMapping:
             layers = [_layer_from_dict(d, i, model) for i, d in enumerate(_typed(data, "layers", list))]
         except KeyError as e:
             raise MappingError(f"{source}: required field {e.args[0]!r} is missing") from None
-        mapping = cls(model, tuple(layers), dict(data.get("provenance") or {}))
+        mapping = cls(model, tuple(layers), dict(data.get("provenance") or {}), _weights_ref(data, version, source))
         mapping.validate()
         for i, d in enumerate(data["layers"]):
             if "kept_k_heads" in d and list(d["kept_k_heads"]) != mapping.kept_k_heads(i):
@@ -361,6 +378,20 @@ class ClusterMapping:
                     value=d["kept_k_heads"],
                 )
         return mapping
+
+
+def _weights_ref(data: dict[str, Any], version: Any, source: str) -> WeightsRef | None:
+    ref = data.get("weights")
+    if ref is None:
+        return None
+    if version != SCHEMA_VERSION_WEIGHTS:
+        raise MappingError(f"{source}: a weights reference needs schema_version {SCHEMA_VERSION_WEIGHTS}",
+                           value=version)
+    if not isinstance(ref, dict) or not isinstance(ref.get("file"), str) or not isinstance(ref.get("sha256"), str) \
+            or not re.fullmatch(r"[0-9a-f]{64}", ref["sha256"]) or Path(ref["file"]).name != ref["file"]:
+        raise MappingError(f"{source}: weights must be {{file: a file name beside the plan, sha256: 64 hex digits}}",
+                           value=ref)
+    return WeightsRef(ref["file"], ref["sha256"])
 
 
 def _layer_to_dict(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
