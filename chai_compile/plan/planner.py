@@ -13,52 +13,16 @@ import torch
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
-from chai_compile.calibration import BUILTIN, build_calibration
+from chai_compile.calibration import build_calibration
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
+from chai_compile.plan.options import PlanOptions, Refit
 from chai_compile.plan.refit import refit_output, refit_queries
 from chai_compile.plan.select import Scorer, head_errors, select
 from chai_compile.plan.shared_scores import SharedScoresAttention, planning_modules
 from chai_compile.plan.weights import LayerWeights, PlanWeights
-
-
-class Refit(enum.StrEnum):
-    NONE = "none"
-    OUTPUT = "output"  # W_o, closed form
-    QUERIES = "queries"  # shared Q rows, KL fit
-    ALL = "all"  # queries, then W_o
-
-
-@dataclasses.dataclass
-class PlanOptions:
-    calib: Any = BUILTIN  # path, "builtin", or a list of strings; never an evaluation set
-    kv_target: float | None = None  # fraction of the native KV cache to free (0..0.5)
-    max_ppl_increase: float | None = None  # stop before calibration perplexity rises by more (0.05 = 5%)
-    samples: int = 8  # scoring windows (every candidate is measured on these)
-    refit_samples: int = 32  # reconstruction windows (the scoring windows are among them)
-    seq_len: int = 256
-    batch_size: int = 8
-    per_round: int = 4  # K heads accepted per round (at most one per layer)
-    refit: Refit = Refit.ALL
-    query_steps: int = 150
-    dense_layers: tuple[int, ...] = ()
-    seed: int = 0
-
-    def check(self, num_layers: int) -> None:
-        if self.kv_target is None and self.max_ppl_increase is None:
-            raise ClusteringError("a plan needs a budget", fix="pass --kv-target F or --max-ppl-increase P")
-        if self.kv_target is not None and not 0.0 < self.kv_target < 0.5:
-            raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=self.kv_target)
-        if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
-            raise ClusteringError("--max-ppl-increase must be above 0 (0.05 means 5%)", value=self.max_ppl_increase)
-        for name in ("samples", "refit_samples", "seq_len", "batch_size", "per_round"):
-            if getattr(self, name) < 1:
-                raise ClusteringError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name))
-        bad = [d for d in self.dense_layers if not 0 <= d < num_layers]
-        if bad:
-            raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=bad[0])
 
 
 @dataclasses.dataclass
@@ -80,8 +44,13 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
     windows = calib.input_ids
     scoring = windows[: opts.samples]
     total_k = spec.num_layers * spec.num_kv_heads
-    to_drop = (math.ceil(opts.kv_target * 2 * total_k - 1e-9) if opts.kv_target is not None
-               else total_k - spec.num_layers)  # a quality bound alone: as far as it allows
+    reachable = opts.reachable_k_heads(spec.num_layers, spec.num_kv_heads)
+    to_drop = math.ceil(opts.kv_target * 2 * total_k - 1e-9) if opts.kv_target is not None else reachable
+    if to_drop > reachable:
+        raise ClusteringError(
+            f"--kv-target {opts.kv_target} cannot be met: every clustered layer keeps at least one K head, so the "
+            f"best reachable is {100 * reachable / (2 * total_k):.1f}% KV saving",
+            fix=f"pass --kv-target {reachable / (2 * total_k):.3f} or less, or keep fewer --dense-layers")
     scorer = Scorer(model, scoring, opts.batch_size)  # the original's reference, before any swap
     base_kl, base_ppl = scorer.measure()
     max_ppl = None if opts.max_ppl_increase is None else base_ppl * (1 + opts.max_ppl_increase)
