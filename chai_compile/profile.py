@@ -16,6 +16,7 @@ from chai_compile import __version__
 from chai_compile.adapters import adapter_for
 from chai_compile.calibration import BUILTIN, build_calibration
 from chai_compile.capture import capture_attention
+from chai_compile.choices import FEATURES
 from chai_compile.clustering import (
     METHODS,
     REPRESENTATIVES,
@@ -27,12 +28,10 @@ from chai_compile.clustering import (
     kv_drop_options,
     sse_curve,
 )
-from chai_compile.errors import ClusteringError
+from chai_compile.errors import CalibrationError, ClusteringError, UsageError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
-
-FEATURES = ("rows", "first_n")
 
 
 @dataclass
@@ -76,7 +75,8 @@ class ProfileData:
         }
 
 
-def check_options(opts: ProfileOptions, num_layers: int, num_heads: int) -> None:
+def check_static(opts: ProfileOptions) -> None:
+    """Every check that needs no model: the CLI runs it before loading one."""
     if opts.method not in METHODS:
         raise ClusteringError(f"unknown --method; choose one of {', '.join(METHODS)}", value=opts.method)
     if opts.features not in FEATURES:
@@ -84,17 +84,40 @@ def check_options(opts: ProfileOptions, num_layers: int, num_heads: int) -> None
     if opts.representative not in REPRESENTATIVES:
         raise ClusteringError(f"unknown --representative; choose one of {', '.join(REPRESENTATIVES)}",
                               value=opts.representative)
-    counts = opts.clusters if isinstance(opts.clusters, list) else [opts.clusters] if opts.clusters else []
+    for option, v in (("--samples", opts.samples), ("--batch-size", opts.batch_size), ("--first-n", opts.first_n),
+                      ("--rows", opts.rows_per_sample)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"{option} must be a whole number of at least 1", value=v, fix=f"pass {option} 1 or more")
+    if opts.seq_len < opts.first_n:
+        raise CalibrationError(f"--seq-len must be at least {opts.first_n} tokens (the first-N feature window)",
+                               value=opts.seq_len, fix=f"use --seq-len {max(opts.first_n, 16)} or more")
+    counts = opts.clusters if isinstance(opts.clusters, list) else [] if opts.clusters is None else [opts.clusters]
+    for c in counts:
+        if c < 1:  # 0 used to mean "auto" silently
+            raise ClusteringError("--clusters must be at least 1", value=c,
+                                  fix="pass --clusters auto for the knee of each layer, or a count of 1 or more")
+    if opts.kv_target is not None and not 0.0 < opts.kv_target < 0.5:
+        raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=opts.kv_target,
+                              fix="pass a fraction such as --kv-target 0.25")
+
+
+def check_options(opts: ProfileOptions, num_layers: int, num_heads: int, max_positions: int | None = None) -> None:
+    """check_static, then the checks against the model's sizes."""
+    check_static(opts)
+    counts = opts.clusters if isinstance(opts.clusters, list) else [] if opts.clusters is None else [opts.clusters]
     if isinstance(opts.clusters, list) and len(opts.clusters) != num_layers:
         raise ClusteringError(f"--clusters list needs one count per layer ({num_layers})",
                               value=len(opts.clusters))
     for c in counts:
-        if not 1 <= c <= num_heads:
+        if c > num_heads:
             raise ClusteringError(f"cannot make more clusters than heads: the model has {num_heads} heads per "
                                   "layer", value=c, fix=f"pass --clusters between 1 and {num_heads}")
     for d in opts.dense_layers:
         if not 0 <= d < num_layers:
             raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=d)
+    if max_positions and opts.seq_len > max_positions:
+        raise CalibrationError(f"--seq-len {opts.seq_len} is above the model's {max_positions} positions",
+                               value=opts.seq_len, fix=f"use --seq-len {max_positions} or less")
 
 
 def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
@@ -128,8 +151,6 @@ def _provenance(data: ProfileData, opts: ProfileOptions) -> dict[str, Any]:
 
 def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray) -> ClusterMapping:
     m = data.model
-    if not 0.0 < opts.kv_target < 0.5:
-        raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=opts.kv_target)
     total_kv = m.num_layers * m.num_kv_heads
     to_drop = int(np.ceil(opts.kv_target * 2 * total_kv - 1e-9))  # each K head is 1/(2*total_kv) of the cache
     options = [kv_drop_options(sim[i], m.group_size) for i in range(m.num_layers)]
@@ -148,7 +169,7 @@ def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray)
 def measure(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> ProfileData:
     adapter = adapter_for(loaded.model)
     info = model_info(adapter)
-    check_options(opts, info.num_layers, info.num_heads)
+    check_options(opts, info.num_layers, info.num_heads, max_positions(loaded.model.config))
     t0 = time.perf_counter()
     calib = build_calibration(loaded.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed,
                               opts.first_n, opts.text_field)
@@ -164,6 +185,12 @@ def measure(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) ->
                    "seq_len": opts.seq_len, "seed": opts.seed, "first_n": opts.first_n,
                    "rows_per_sample": opts.rows_per_sample, "features": opts.features}
     return ProfileData(info, sim, sse, [knee(c) for c in sse], calibration, timings)
+
+
+def max_positions(config: Any) -> int | None:
+    """Positions the model was trained for (None when the config does not say)."""
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def profile_model(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> tuple[ProfileData,

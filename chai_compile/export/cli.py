@@ -10,8 +10,8 @@ from typing import Any
 
 import click
 
+from chai_compile.choices import GREEDY_STEPS
 from chai_compile.errors import ExportError, ValidationFailed
-from chai_compile.export.validate import GREEDY_STEPS
 from chai_compile.fileio import check_output_dir
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}

@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.choices import DEFAULT_OPSET
 from chai_compile.errors import ExportError
 from chai_compile.mapping import ClusterMapping
 
 # Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
 # as inputs, Split num_outputs); older opsets need the down-conversion that loses dynamic shapes.
 MIN_OPSET = {"portable": 18, "fused": 18}
-DEFAULT_OPSET = 23
 ATTENTION_FORMS = ("portable", "fused")
 GRAPH_NAME = "model.onnx"
 DATA_NAME = GRAPH_NAME + ".data"  # what torch.onnx's ONNXProgram.save(external_data=True) writes
