@@ -66,7 +66,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar follows it
     # torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (4 lines) per export.
-    for name in ("torch.onnx", "onnxscript", "onnx_ir", "transformers"):
+    # torch resets its registered loggers on import, so the exact module logger is named.
+    for name in ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 

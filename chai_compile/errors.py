@@ -102,3 +102,16 @@ class ValidationFailed(ChaiError):
     default_fix = "see the report above"
 
     exit_code = 1
+
+
+def root_cause(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception in `e`'s chain.
+
+    Wrappers such as torch.onnx's TorchExportError put advice first ("... Next steps:") and the cause
+    last; the innermost exception is what a user can act on."""
+    seen = {id(e)}
+    while (nxt := e.__cause__ or e.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        e = nxt
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

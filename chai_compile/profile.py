@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -201,9 +200,17 @@ def profile_model(loaded: LoadedModel, opts: ProfileOptions, progress: bool = Tr
 
 def load_profile_data(path: str | Path, mapping: ClusterMapping) -> ProfileData:
     """Re-read a profile.json written by `chai-compile profile` (for sweeps over budgets)."""
-    d = json.loads(Path(path).read_text())["profile"]
-    return ProfileData(mapping.model, {k: np.asarray(v) for k, v in d["similarity"].items()}, d["sse"], d["knee"],
-                       d["calibration"], d["timings"])
+    from chai_compile.errors import MappingError
+    from chai_compile.fileio import read_json_strict
+
+    fix = "re-run `chai-compile profile`"
+    doc = read_json_strict(Path(path), MappingError, "profile file", fix)
+    try:
+        d = doc["profile"]
+        return ProfileData(mapping.model, {k: np.asarray(v, dtype=float) for k, v in d["similarity"].items()},
+                           d["sse"], d["knee"], d["calibration"], d["timings"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MappingError(f"profile file {path} is malformed: {type(e).__name__} {e}", fix=fix) from None
 
 
 def budget_options(base: ProfileOptions, num_layers: int, counts: Sequence[int],
