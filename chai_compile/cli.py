@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import warnings
 from typing import Any, NoReturn
 
@@ -56,7 +57,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def install_signal_handlers() -> None:
     """SIGTERM raises `Terminated`, so `finally`/`except BaseException` clean-ups run as on Ctrl-C."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    if threading.current_thread() is threading.main_thread():  # signal() works only there
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def quiet_libraries() -> None:
