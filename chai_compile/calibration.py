@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from chai_compile.choices import BUILTIN_CALIBRATION
 from chai_compile.errors import CalibrationError
 
-BUILTIN = "builtin"
+BUILTIN = BUILTIN_CALIBRATION
 
 
 @dataclass

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+BUILTIN_CALIBRATION = "builtin"  # --calib value: the offline corpus shipped with Python
 FEATURES = ("rows", "first_n")  # attention features that decide clusters
 METHODS = ("agglomerative", "kmeans")  # clustering algorithms
 REPRESENTATIVES = ("auto", "medoid", "lowest", "kv-min")  # how a cluster's score head is chosen
