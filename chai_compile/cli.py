@@ -97,9 +97,9 @@ class _LazyGroup(click.Group):
         except click.ClickException as e:
             _fail(f"{e.format_message().rstrip('.')}; fix: {_usage_fix(e)}", 2)
         except click.Abort:
-            _fail("interrupted; nothing was written", 130)
+            _fail("interrupted, nothing was written; fix: re-run the command", 130)
         except Terminated:
-            _fail("terminated by SIGTERM; nothing was written", Terminated.exit_code)
+            _fail("terminated by SIGTERM, nothing was written; fix: re-run the command", Terminated.exit_code)
         except MemoryError:
             _fail("out of memory; fix: use a smaller model, --samples, --seq-len or --batch-size", 2)
         except Exception as e:

@@ -54,7 +54,8 @@ def test_second_run_into_one_out_fails_at_once_and_sigterm_leaves_nothing(tmp_pa
         first.kill()
     assert first.returncode == 143, err
     errors = [ln for ln in err.splitlines() if ln.startswith("chai-compile: error:")]
-    assert errors == ["chai-compile: error: terminated by SIGTERM; nothing was written"], err
+    assert errors == [
+        "chai-compile: error: terminated by SIGTERM, nothing was written; fix: re-run the command"], err
     assert "Traceback" not in err
     assert listing(tmp_path) == []
 
