@@ -10,6 +10,7 @@ import click
 
 from chai_compile.choices import FEATURES, METHODS, REPRESENTATIVES
 from chai_compile.cli_parse import expand_ranges, parse_int_list, parse_ranges
+from chai_compile.errors import UsageError
 
 
 def _clusters(text: str | None) -> int | list[int] | None:
@@ -81,8 +82,10 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
                               layers, heads, max_positions(config))
         loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
         layers, _ = _layers_and_heads(loaded.model.config)
-        if layers:
-            opts = dataclasses.replace(opts, dense_layers=expand_ranges(dense, layers, "--dense-layers"))
+        if dense and not layers:
+            raise UsageError("--dense-layers: the model's config does not say how many layers it has",
+                             fix="drop --dense-layers")
+        opts = dataclasses.replace(opts, dense_layers=expand_ranges(dense, layers or 0, "--dense-layers"))
         data, mapping = profile_model(loaded, opts)
         used = data.calibration["samples"]
         if used < samples:
