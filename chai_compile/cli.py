@@ -68,6 +68,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar follows it
     # torch.onnx logs "torchvision is not installed. Skipping torchvision::nms" (4 lines) per export.
+    if "transformers" in sys.modules:  # imported already (an embedding program): the env vars came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
     # torch resets its registered loggers on import, so the exact module logger is named.
     for name in ("torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
