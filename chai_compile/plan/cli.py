@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from chai_compile.errors import ClusteringError
-from chai_compile.fileio import check_output_dir, staged_output_dir, write_json
 from chai_compile.plan.options import BUILTIN, PlanOptions, Refit
 
 PLAN_FILE = "plan.json"
@@ -39,39 +40,39 @@ def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, ca
          refit_samples: int, seq_len: int, batch_size: int, per_round: int, refit: str, query_steps: int,
          dense_layers: str, seed: int, dtype: str, device: str, out_dir: str, overwrite: bool) -> None:
     """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
-    from chai_compile.profile_cli import _int_list
+    from chai_compile.cli_parse import expand_ranges, parse_ranges
+    from chai_compile.fileio import claim_output_dir, write_json
 
-    dense = _int_list(dense_layers, "--dense-layers")
+    dense = parse_ranges(dense_layers, "--dense-layers")
     opts = PlanOptions(calib=calib, kv_target=kv_target, max_ppl_increase=max_ppl_increase, samples=samples,
                        refit_samples=refit_samples, seq_len=seq_len, batch_size=batch_size, per_round=per_round,
-                       refit=Refit(refit), query_steps=query_steps, dense_layers=tuple(dense), seed=seed)
-    opts.check()  # budget and sizes before loading anything
-    check_output_dir(out_dir, overwrite)
+                       refit=Refit(refit), query_steps=query_steps, seed=seed)
+    opts.check()  # budget and sizes before anything heavy is imported or loaded
+    with claim_output_dir(out_dir, overwrite) as claim:
+        from chai_compile.loading import load_model
+        from chai_compile.plan.planner import plan_model
+        from chai_compile.plan.report import markdown, rounds_plot
+        from chai_compile.plan.weights import write_weights
 
-    import dataclasses
-
-    from chai_compile.loading import load_model
-    from chai_compile.plan.planner import plan_model
-    from chai_compile.plan.report import markdown, rounds_plot
-    from chai_compile.plan.weights import write_weights
-
-    loaded = load_model(model, dtype=dtype, device=device)
-    res = plan_model(loaded, opts)
-    if not res.report["target_met"]:
-        raise ClusteringError(
-            f"--kv-target {kv_target} cannot be met within --max-ppl-increase {max_ppl_increase}: the best "
-            f"reachable is {100 * res.report['kv_cache_saving']:.1f}% KV saving",
-            fix="lower --kv-target or raise --max-ppl-increase")
-    with staged_output_dir(out_dir, overwrite=overwrite) as stage:
-        mapping = res.mapping
-        if res.weights:
-            mapping = dataclasses.replace(mapping, weights=write_weights(res.weights, stage / WEIGHTS_FILE))
-        mapping.write(stage / PLAN_FILE)
-        report = {"model": model, "summary": mapping.summary(), **res.report}
-        write_json(stage / "plan_report.json", report)
-        (stage / "plan_report.md").write_text(markdown(report))
-        rounds_plot(report, stage / "plan_rounds.png")
-    r = res.report
+        loaded = load_model(model, dtype=dtype, device=device)
+        layers = loaded.model.config.num_hidden_layers
+        opts = dataclasses.replace(opts, dense_layers=tuple(expand_ranges(dense, layers, "--dense-layers")))
+        res = plan_model(loaded, opts)
+        r = res.report
+        if not r["target_met"]:
+            raise ClusteringError(
+                f"--kv-target {kv_target} cannot be met within --max-ppl-increase {max_ppl_increase}: the best "
+                f"reachable is {100 * r['kv_cache_saving']:.1f}% KV saving",
+                fix="lower --kv-target or raise --max-ppl-increase")
+        with claim.stage() as stage:
+            mapping = res.mapping
+            if res.weights:
+                mapping = dataclasses.replace(mapping, weights=write_weights(res.weights, stage / WEIGHTS_FILE))
+            mapping.write(stage / PLAN_FILE)
+            report = {"model": model, "summary": mapping.summary(), **r}
+            write_json(stage / "plan_report.json", report)
+            (stage / "plan_report.md").write_text(markdown(report))
+            rounds_plot(report, stage / "plan_rounds.png")
     click.echo(f"K heads dropped: {r['k_heads_dropped']}/{r['k_heads_total']} "
                f"(KV cache -{100 * r['kv_cache_saving']:.1f}%)")
     for name, st in r["stages"].items():
