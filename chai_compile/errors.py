@@ -65,3 +65,7 @@ class ValidationFailed(ChaiError):
     """A verification check failed; exit code 1 separates it from bad input (2)."""
 
     exit_code = 1
+
+
+class DependencyError(ChaiError):
+    """An optional package a feature needs (a runtime such as Optimum) is not installed."""
