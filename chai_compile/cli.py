@@ -41,3 +41,5 @@ main.add_command(sweep)
 from chai_compile.export.cli import export, verify_artifact  # noqa: E402, I001
 main.add_command(export)
 main.add_command(verify_artifact)
+from chai_compile.export.genai_pack import genai_pack  # noqa: E402, I001
+main.add_command(genai_pack)
