@@ -39,7 +39,8 @@ def test_config_loads_and_carries_the_per_layer_cache(chai_export, stories):
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "llama" and cfg.architectures == ["LlamaForCausalLM"]
     assert cfg.num_key_value_heads == stories.model.config.num_key_value_heads
-    assert cfg.chai_cache == man["cache"] and cfg.chai_cache["k_heads"] != cfg.chai_cache["v_heads"]
+    assert cfg.chai_cache == json.loads(json.dumps(man["cache"]))
+    assert cfg.chai_cache["k_heads"] != cfg.chai_cache["v_heads"]
     raw = json.loads((out / "config.json").read_text())
     assert raw["rope_theta"] == stories.model.config.rope_parameters["rope_theta"]  # what transformers 4.x reads
     assert GenerationConfig.from_pretrained(out).eos_token_id == stories.tokenizer.eos_token_id
