@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from chai_compile.adapters import adapter_for
+from chai_compile.compat import output_cache
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import load_model
 from chai_compile.mapping import ClusterMapping
@@ -33,7 +34,7 @@ def generate_cache(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[dic
                          min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
                          pad_token_id=model.config.eos_token_id)
     seconds = time.perf_counter() - t0
-    return kv_cache_bytes(out.past_key_values), seconds, out.sequences.shape[1]
+    return kv_cache_bytes(output_cache(out)), seconds, out.sequences.shape[1]
 
 
 def main() -> None:

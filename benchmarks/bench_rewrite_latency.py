@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from chai_compile.adapters import adapter_for
+from chai_compile.compat import output_cache
 from chai_compile.fingerprint import model_info
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
 from chai_compile.rewrite import ClusteredAttention, apply_mapping, kv_cache_bytes
@@ -51,7 +52,7 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, reps: int = 3) -> t
         out = model.generate(ids, **kw)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return best, kv_cache_bytes(out.past_key_values)["total_bytes"]
+    return best, kv_cache_bytes(output_cache(out))["total_bytes"]
 
 
 def main() -> None:

@@ -113,6 +113,18 @@ class ClusterMapping:
     def kept_k_heads(self, index: int) -> list[int]:
         return self.layers[index].kept_k_heads(self.model.num_heads, self.model.num_kv_heads)
 
+    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = "static") -> list[tuple[int, int]]:
+        """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length).
+
+        K holds the kept KV heads under static membership (every KV head under dynamic, whose
+        representatives are chosen per request); V always holds every KV head.
+        """
+        m = self.model
+        per_head = tokens * m.head_dim * elem_bytes
+        k_heads = [m.num_kv_heads if membership == "dynamic" else len(self.kept_k_heads(i))
+                   for i in range(m.num_layers)]
+        return [(k * per_head, m.num_kv_heads * per_head) for k in k_heads]
+
     def fused_layout(self, index: int) -> FusedLayout:
         m = self.model
         lm = self.layers[index]

@@ -25,3 +25,10 @@ def smollm2():
     from chai_compile.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Anything that loads SmolLM2-135M is slow (a 98 MB GGUF dequantized, 30 layers): mark it in one place.
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

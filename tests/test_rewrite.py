@@ -11,6 +11,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from chai_compile.adapters import adapter_for, apply_rotary
+from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ChaiError, FingerprintMismatchError
 from chai_compile.fingerprint import model_info
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
@@ -67,11 +68,11 @@ def stepwise_logits(model: nn.Module, ids: torch.Tensor, steps: int) -> list[tor
     cache = DynamicCache(config=model.config)
     out = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model_forward(model, cache, input_ids=ids).logits
         out.append(logits)
         for _ in range(steps):
             tok = logits[:, -1:].argmax(-1)
-            logits = model(tok, past_key_values=cache, use_cache=True).logits
+            logits = model_forward(model, cache, input_ids=tok).logits
             out.append(logits)
     return out
 
@@ -191,8 +192,8 @@ def test_clustered_mapping_smaller_and_equals_naive_reference(stories):
     # The cache really holds less K: measured from its tensors, per layer.
     cache_o, cache_c = DynamicCache(config=orig.config), DynamicCache(config=chai.config)
     with torch.no_grad():
-        orig(ids, past_key_values=cache_o, use_cache=True)
-        chai(ids, past_key_values=cache_c, use_cache=True)
+        model_forward(orig, cache_o, input_ids=ids)
+        model_forward(chai, cache_c, input_ids=ids)
     bo, bc = kv_cache_bytes(cache_o), kv_cache_bytes(cache_c)
     assert bc["value_bytes"] == bo["value_bytes"]
     assert bc["key_bytes"] < bo["key_bytes"]
@@ -230,7 +231,7 @@ def test_generate_every_family(family):
             logits = chai(seq, attention_mask=m, use_cache=False).logits
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out.sequences, seq)
-    layer1 = kv_cache_bytes(out.past_key_values)["per_layer"][1]
+    layer1 = kv_cache_bytes(output_cache(out))["per_layer"][1]
     kept = len(mapping.kept_k_heads(1))
     assert layer1["key_shape"][1] == kept and layer1["value_shape"][1] == mapping.model.num_kv_heads
 
@@ -285,7 +286,7 @@ def test_dynamic_membership_runs_and_keeps_all_k_heads(stories):
         out = dyn.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
                            return_dict_in_generate=True)
     assert out.sequences.shape == (2, ids.shape[1] + 5)
-    for layer in kv_cache_bytes(out.past_key_values)["per_layer"]:
+    for layer in kv_cache_bytes(output_cache(out))["per_layer"]:
         assert layer["key_shape"][1] == mapping.model.num_kv_heads  # saves compute, not memory
 
 

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from chai_compile.compat import model_forward
 from tests.test_rewrite import identity_mapping, left_padded, max_diff, paired_mapping, stepwise_logits
 from tests.tiny_models import tiny_model
 
@@ -33,9 +34,9 @@ def forced_logits(model, ids: torch.Tensor, tokens: torch.Tensor) -> list[torch.
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    out = [model(ids, past_key_values=cache, use_cache=True).logits]
+    out = [model_forward(model, cache, input_ids=ids).logits]
     for i in range(tokens.shape[1]):
-        out.append(model(tokens[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
+        out.append(model_forward(model, cache, input_ids=tokens[:, i : i + 1]).logits)
     return out
 
 

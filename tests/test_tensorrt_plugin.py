@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def _build(build_dir: Path, require_tensorrt: bool) -> None:
             "-DCMAKE_BUILD_TYPE=Release",
             "-DCMAKE_CUDA_ARCHITECTURES=90",  # one arch keeps CI compile time modest
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DPython3_EXECUTABLE={sys.executable}",  # the interpreter that has kernel-lens (a venv's)
             f"-DCHAI_REQUIRE_TENSORRT={'ON' if require_tensorrt else 'OFF'}",
         ],
         check=True, capture_output=True, text=True,

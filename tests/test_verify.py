@@ -13,6 +13,7 @@ from conftest import EVAL, STORIES, STORIES_MHA
 
 from chai_compile.adapters import adapter_for
 from chai_compile.cli import main
+from chai_compile.compat import output_cache
 from chai_compile.errors import TaskError
 from chai_compile.fingerprint import model_info
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
@@ -261,7 +262,7 @@ def test_kv_cache_bytes_measured_from_tensors(tiny):
     assert m["bytes_per_token"] == 5 * 4 * 8 * 2 * 4
     assert m["key_bytes"] == m["value_bytes"] == 5 * 4 * 8 * 4 * 19
     out = tiny.model(torch.tensor([[1, 2, 3]]), use_cache=True)
-    assert cache_bytes(out.past_key_values)["total_bytes"] == _fallback_cache_bytes(out.past_key_values)["total_bytes"]
+    assert cache_bytes(output_cache(out))["total_bytes"] == _fallback_cache_bytes(output_cache(out))["total_bytes"]
 
 
 def _stories_info(path=STORIES):

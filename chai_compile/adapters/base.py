@@ -4,17 +4,21 @@ An adapter turns one model family's attention module into a uniform view:
 - `spec`: head counts and sizes;
 - `projections(i)`: Q/K/V/O weights in `nn.Linear` layout ([out, in]) whatever the family stores
   (fused QKV, Conv1D, interleaved per-head), so profile, rewrite and export read one format;
-- `call_inputs(args, kwargs)`: the attention forward's arguments, normalised;
+- `call_inputs(args, kwargs)`: the attention forward's arguments, normalised (names and positions
+  read off the installed attention forward's signature, so a transformers rename cannot hide the cache);
 - `position(attn, call)`: how positions enter q and k (rotary or none).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from chai_compile.compat import CacheCompatError, cache_parameter, misplaced_cache, positional_index
 
 
 @dataclass(frozen=True)
@@ -75,12 +79,15 @@ class ModelAdapter:
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     description: ClassVar[str]
-    cache_kwarg: ClassVar[str] = "past_key_values"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.config = model.config
         self.spec = self._spec()
+        forward = self.attention_forward()
+        self.cache_kwarg = cache_parameter(forward)
+        self._position_of = {name: positional_index(forward, name) for name in
+                             ("hidden_states", "attention_mask", "position_embeddings", self.cache_kwarg)}
 
     # ---- to implement --------------------------------------------------------------------
     def _spec(self) -> AttentionSpec:
@@ -95,14 +102,32 @@ class ModelAdapter:
     def projections(self, layer_index: int) -> HeadProjections:
         raise NotImplementedError
 
+    # ---- call convention ------------------------------------------------------------------
+    def attention_forward(self) -> Callable:
+        """The family's own attention forward (a rewritten layer remembers the one it replaced)."""
+        module = self.attention(0)
+        return getattr(module, "original_forward", None) or type(module).forward
+
+    def _arg(self, args: tuple, kwargs: dict[str, Any], name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = self._position_of.get(name)
+        return args[index] if index is not None and index < len(args) else None
+
     def call_inputs(self, args: tuple, kwargs: dict[str, Any]) -> AttentionCall:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
+        cache = self._arg(args, kwargs, self.cache_kwarg)
+        if cache is None:
+            stray = misplaced_cache(kwargs, self.cache_kwarg)
+            if stray is not None or kwargs.get("use_cache"):
+                raise CacheCompatError(
+                    f"the attention layer expected its KV cache as `{self.cache_kwarg}` but "
+                    + (f"it came as `{stray}`" if stray else "none came although use_cache=True"),
+                    fix="install a transformers release in the tested range (see docs/compat.md)")
         return AttentionCall(
-            hidden_states=hidden,
-            attention_mask=mask,
-            cache=kwargs.get(self.cache_kwarg),
-            position_embeddings=kwargs.get("position_embeddings"),
+            hidden_states=self._arg(args, kwargs, "hidden_states"),
+            attention_mask=self._arg(args, kwargs, "attention_mask"),
+            cache=cache,
+            position_embeddings=self._arg(args, kwargs, "position_embeddings"),
             extra=kwargs,
         )
 

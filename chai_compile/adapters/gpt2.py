@@ -49,9 +49,3 @@ class GPT2Adapter(ModelAdapter):
         if getattr(a, "scale_attn_by_inverse_layer_idx", False):
             raise NotImplementedError("scale_attn_by_inverse_layer_idx is per layer")
         return s
-
-    def call_inputs(self, args, kwargs):
-        call = super().call_inputs(args, kwargs)
-        call.cache = kwargs.get("past_key_values", args[1] if len(args) > 1 else None)
-        call.attention_mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        return call

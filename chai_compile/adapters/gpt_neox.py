@@ -13,7 +13,6 @@ class GPTNeoXAdapter(ModelAdapter):
     name = "gpt_neox"
     model_types = ("gpt_neox",)
     description = "GPT-NeoX, Pythia (fused per-head QKV, partial RoPE)"
-    cache_kwarg = "layer_past"
 
     def _spec(self) -> AttentionSpec:
         c = self.config
@@ -50,8 +49,3 @@ class GPTNeoXAdapter(ModelAdapter):
             v_weight=w[:, 2].reshape(-1, s.hidden_size), o_weight=a.dense.weight,
             q_bias=bq, k_bias=bk, v_bias=bv, o_bias=a.dense.bias,
         )
-
-    def call_inputs(self, args, kwargs):
-        call = super().call_inputs(args, kwargs)
-        call.attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-        return call

@@ -42,8 +42,3 @@ class OPTAdapter(ModelAdapter):
 
     def scaling(self) -> float:
         return 1.0  # already folded into q (q_scale), as OPT does
-
-    def call_inputs(self, args, kwargs):
-        call = super().call_inputs(args, kwargs)
-        call.attention_mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
-        return call

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ExportError
 from chai_compile.mapping import ClusterMapping
 
@@ -98,9 +99,9 @@ class DecoderWrapper(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         if self.before_call is not None:
             self.before_call(attention_mask)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+        out = model_forward(self.model, cache, input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids)
+        return (out.logits, *[t for layer in output_cache(out).layers for t in (layer.keys, layer.values)])
 
 
 def _precise_silu(x: Any) -> Any:

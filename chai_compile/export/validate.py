@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chai_compile.compat import model_forward
 from chai_compile.export.ort_runner import OrtDecoder
 
 PROMPTS = ("Once upon a time, there was a little girl named Lily. She loved to play",
@@ -41,13 +42,13 @@ def torch_greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> np.ndarray:
     cache = DynamicCache()
     new = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache, use_cache=True).logits
+        logits = model_forward(model, cache, input_ids=ids).logits
         for _ in range(steps):
             tok = logits[:, -1].argmax(-1)
             new.append(tok)
             if len(new) == steps:
                 break
-            logits = model(tok[:, None], past_key_values=cache, use_cache=True).logits
+            logits = model_forward(model, cache, input_ids=tok[:, None]).logits
     return torch.stack(new, 1).numpy()
 
 

@@ -184,6 +184,8 @@ class ClusteredAttention(nn.Module):
         # without the model so the module does not hold its own model alive (and deep-copies cleanly).
         self.adapter = copy.copy(adapter)
         self.adapter.model = None
+        # What adapter_for() reads on a rewritten model to find the family's call convention.
+        self.original_forward = adapter.attention_forward()
 
         p = adapter.projections(layer_index)
         self.q_scale = float(p.q_scale)
