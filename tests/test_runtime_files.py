@@ -122,3 +122,16 @@ def test_genai_pack_refuses_an_original_export(tmp_path):
     with pytest.raises(ExportError, match="runs in onnxruntime-genai as it is"):
         pack_for_genai(tmp_path / "orig", tmp_path / "packed")
     assert not (tmp_path / "packed").exists()
+
+
+def test_chai_optimum_class_without_optimum_is_a_one_line_error():
+    import importlib.util
+
+    if importlib.util.find_spec("optimum") is not None:
+        pytest.skip("Optimum is installed here; tests/runtimes covers the class")
+    import chai_compile.runtime  # importing the package needs no Optimum
+    from chai_compile.errors import DependencyError
+
+    with pytest.raises(DependencyError, match="optimum-onnx") as e:
+        chai_compile.runtime.CHAIModelForCausalLM  # noqa: B018
+    assert "fix: pip install" in str(e.value) and "\n" not in str(e.value)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runtimes CI: Optimum and onnxruntime-genai on chai-compile exports, each in the environment users have.
 #
-#   tests/runtimes/run.sh [VENV_DIR]        (default: .venv-runtimes beside the checkout's files)
+#   CHAI_PYTHON=.venv/bin/python tests/runtimes/run.sh [VENV_DIR]   (default .venv-runtimes, rebuilt each run)
 #
 # 1. chai-compile's own Python (CHAI_PYTHON, default `python`, with `pip install -e .` done) exports
 #    stories260K and SmolLM2-135M, original and CHAI, and writes transformers' greedy tokens (make_artifacts.py).
@@ -15,7 +15,7 @@ VENV=${1:-.venv-runtimes}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/chai-runtimes.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+python3 -m venv --clear "$VENV"   # fresh every run, like .ci/run
 "$VENV/bin/pip" install -q -r tests/runtimes/requirements.txt
 "$VENV/bin/pip" install -q --no-deps -e .
 
