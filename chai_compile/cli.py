@@ -34,6 +34,7 @@ COMMANDS = {
     "export": "chai_compile.export.cli:export",
     "verify-artifact": "chai_compile.export.cli:verify_artifact",
     "plan": "chai_compile.plan.cli:plan",
+    "genai-pack": "chai_compile.export.genai_pack:genai_pack",
 }
 DEBUG_ENV = "CHAI_COMPILE_DEBUG"  # set to 1 to see the traceback behind an unexpected error
 

@@ -115,3 +115,7 @@ def root_cause(e: BaseException) -> str:
         e = nxt
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+class DependencyError(ChaiError):
+    """An optional package a feature needs (a runtime such as Optimum) is not installed."""

@@ -32,7 +32,7 @@ def _load(model: str, mapping: Any) -> tuple[Any, Any]:
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
                opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print) -> dict[str, Any]:
-    from chai_compile.export import clean, manifest, onnx_export, validate
+    from chai_compile.export import clean, manifest, onnx_export, runtime_files, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import claim_output_dir, write_json
 
@@ -59,6 +59,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         reference = validate.reference(source, tokenizer, steps)
         release_memory()  # the reference's activations
         cache = onnx_export.cache_spec(source)
+        side_files = runtime_files.runtime_files(source, tokenizer, cache, dtype)  # before the export empties it
         if dtype == "fp16":
             source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
         meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
@@ -73,6 +74,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             stats = clean.graph_stats(res.path)
             if mapping is not None:
                 write_json(stage / "mapping.json", json.loads(mapping.to_json()))
+            runtime_files.write_runtime_files(stage, side_files)
             if attention == "fused" and dtype != "fp32":
                 report = {"passed": None, "skipped": "the ORT reference op of the fused node is float32 only"}
             else:
@@ -88,7 +90,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             man = manifest.build_manifest(
                 stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
                 opset=opset, external_data=res.external_data, cache=res.cache.to_dict(),
-                export_s=round(res.export_s, 2), stats=stats, validation=report,
+                runtime_files=sorted(side_files), export_s=round(res.export_s, 2), stats=stats, validation=report,
                 mapping=mapping.summary() if mapping else None,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             man = manifest.seal(man)
