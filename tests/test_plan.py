@@ -139,3 +139,18 @@ def test_a_perplexity_bound_alone_stops_before_it_is_passed(tmp_path):
     bound = report["original"]["ppl"] * 1.01
     assert all(r["ppl"] <= bound for r in report["rounds"])
     assert report["stages"]["selected"]["ppl"] <= bound
+
+
+def test_a_plan_with_weights_exports_and_verifies(planned, tmp_path):
+    """The refit weights are embedded in the graph (validated against the rewritten PyTorch model) and travel
+    with the artifact's mapping, so `verify EXPORT_DIR` rebuilds the same PyTorch reference."""
+    out = tmp_path / "export"
+    res = CliRunner().invoke(main, ["export", str(STORIES), "--mapping", str(planned / "plan.json"),
+                                    "--attention", "portable", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    v = json.loads((out / "manifest.json").read_text())["validation"]
+    assert v["passed"] and v["greedy_identical"]
+    assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
+    assert (out / "plan.weights.safetensors").read_bytes() == (planned / "plan.weights.safetensors").read_bytes()
+    res = CliRunner().invoke(main, ["verify", str(out), "--tasks", "copa", "--limit", "5", "--out", str(tmp_path / "v")])
+    assert res.exit_code == 0, res.output

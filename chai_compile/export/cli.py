@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             stats = clean.graph_stats(res.path)
             if mapping is not None:
                 write_json(stage / "mapping.json", json.loads(mapping.to_json()))
+                if mapping.weights is not None:  # the refit weights travel with the plan they belong to
+                    weights = Path(mapping.source_dir or ".") / mapping.weights.file
+                    shutil.copyfile(weights, stage / mapping.weights.file)
             runtime_files.write_runtime_files(stage, side_files)
             if attention == "fused" and dtype != "fp32":
                 report = {"passed": None, "skipped": "the ORT reference op of the fused node is float32 only"}
