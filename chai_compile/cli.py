@@ -38,6 +38,7 @@ from chai_compile.verify.cli import verify  # noqa: E402, I001
 main.add_command(verify)
 from chai_compile.verify.cli import sweep  # noqa: E402, I001
 main.add_command(sweep)
-from chai_compile.export.cli import export, verify_artifact  # noqa: E402, I001
+from chai_compile.export.cli import build_ort_ops, export, verify_artifact  # noqa: E402, I001
 main.add_command(export)
+main.add_command(build_ort_ops)
 main.add_command(verify_artifact)

@@ -41,7 +41,8 @@ def find_library() -> Path | None:
     env = os.environ.get(ENV)
     if env:
         if not Path(env).is_file():
-            raise OrtOpsError(f"${ENV} names no file", value=env, fix=f"unset it, or build the library: {build_command()}")
+            raise OrtOpsError(f"${ENV} names no file", value=env,
+                              fix=f"unset it, or build the library: {build_command()}")
         return Path(env)
     lib = default_library()
     return lib if lib.is_file() else None
