@@ -21,13 +21,8 @@ LAYER = dict(num_heads=6, cluster_offsets=[0, 2, 3, 6], k_head_index=[0, 1, 1], 
 
 
 @pytest.fixture(scope="module")
-def library():
-    lib = ort_ops.find_library()
-    if lib is None:
-        if shutil.which("cmake") is None:
-            pytest.skip("cmake missing: cannot build the op library")
-        lib = ort_ops.build(cuda=False, log=lambda m: None)
-    return lib
+def library(ort_ops_library):
+    return ort_ops_library
 
 
 def _graph(head_dim: int, share: int, **overrides) -> bytes:
