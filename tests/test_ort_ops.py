@@ -35,7 +35,8 @@ def _graph(head_dim: int, share: int, **overrides) -> bytes:
     outs = [h.make_tensor_value_info(n, f, None) for n in fused_op.OUTPUTS]
     node = h.make_node(fused_op.OP_TYPE, list(fused_op.INPUTS), list(fused_op.OUTPUTS), domain=fused_op.DOMAIN,
                        name="layer0", **attrs)
-    model = h.make_model(h.make_graph([node], "g", ins, outs),
+    # IR 10: what ONNX Runtime 1.20+ reads (the installed onnx would write a newer one).
+    model = h.make_model(h.make_graph([node], "g", ins, outs), ir_version=10,
                          opset_imports=[h.make_opsetid("", 23), h.make_opsetid(fused_op.DOMAIN, 1)])
     return model.SerializeToString()
 

@@ -417,8 +417,7 @@ def test_in_place_contract_writes_only_new_rows(harness: ctypes.CDLL, shape: str
     and unread, the new rows land at P, and the output matches the float64 reference."""
     cfg = SHAPES[shape]
     attrs, tensors = make_case(**cfg, dtype=torch.float16, seed=4)
-    attrs = fused_op.node_attributes(**{k: attrs[k] for k in attrs if k not in ("plugin_namespace",
-                                        "plugin_version", "num_clusters")}, past_present_share_buffer=1)
+    attrs = {**attrs, "past_present_share_buffer": 1}
     for name in ("past_key", "past_value"):
         t = tensors[name]
         spare = torch.full((t.shape[0], t.shape[1], cfg["s"] + 5, t.shape[3]), float("nan"), dtype=t.dtype,
