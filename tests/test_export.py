@@ -127,11 +127,12 @@ def test_fused_graph_nodes_and_ort_parity(fused, stories):
 
 @pytest.fixture(scope="module")
 def inplace(stories, tmp_path_factory, ort_ops_library):
-    """Fused export with the in-place cache (every layer clustered), validated on the compiled op."""
+    """Fused export with the in-place cache, validated on the compiled op. Layer 0 is dense: it becomes an
+    identity-clustered node (one head per cluster), since every layer must share its buffer."""
     from chai_compile.export.cli import run_export
 
-    path = tmp_path_factory.mktemp("map") / "all_clustered.json"
-    paired_mapping(stories.model, dense=()).write(path)
+    path = tmp_path_factory.mktemp("map") / "layer0_dense.json"
+    paired_mapping(stories.model, dense=(0,)).write(path)
     out = tmp_path_factory.mktemp("exp") / "inplace"
     man = run_export(str(STORIES), str(path), False, "onnx", "fused", "fp32", 23, str(out), False,
                      log=lambda m: None, kv_cache="inplace")
@@ -145,6 +146,15 @@ def test_inplace_export_runs_on_the_compiled_op_with_shared_buffers(inplace, ort
     v = man["validation"]
     assert man["kv_cache"] == "inplace" and v["passed"] and v["greedy_identical"], v
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
+    import onnx
+
+    from chai_compile import fused_op
+
+    nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == fused_op.OP_TYPE]
+    assert len(nodes) == 5  # all layers, the dense one as H clusters of one head
+    first = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert first["num_clusters"] == first["num_heads"] and first["past_present_share_buffer"] == 1
     dec = OrtDecoder(out)
     assert dec.kv_cache == "inplace" and dec.fused_op_runner == str(ort_ops_library)
     ids = np.array([[5, 9, 14, 3], [7, 7, 2, 11]])
@@ -170,11 +180,9 @@ def test_inplace_buffer_too_small_is_one_line(inplace):
     assert "shared cache buffer holds 2 rows" in line and "\n" not in line
 
 
-def test_inplace_needs_fused_and_every_layer_clustered(tmp_path, mapping_file):
+def test_inplace_needs_the_fused_form(tmp_path, mapping_file):
     with pytest.raises(ExportError, match="needs the fused form"):
         _run(tmp_path, mapping_file, kv_cache="inplace")
-    with pytest.raises(ExportError, match="every layer clustered"):  # mapping_file keeps layer 0 dense
-        _run(tmp_path, mapping_file, attention="fused", kv_cache="inplace")
 
 
 def test_ort_decoder_is_a_verify_backend(portable, stories):

@@ -125,11 +125,28 @@ class FusedClusteredAttention(ClusteredAttention):
         return self.o_proj(out), None
 
 
+def _fuse_dense_layers(model: nn.Module) -> None:
+    """Swap each dense layer's attention for a ClusteredAttention of one head per cluster (the identity
+    mapping: same outputs to float rounding, same K cache heads), so that it too exports as a node."""
+    from chai_compile.adapters import adapter_for
+    from chai_compile.mapping import LayerMapping
+
+    ad = adapter_for(model)
+    layers = ad.decoder_layers()
+    for i in range(ad.spec.num_layers):
+        old = ad.attention(i)
+        if isinstance(old, ClusteredAttention):
+            continue
+        new = ClusteredAttention(ad, i, LayerMapping(i, "dense"), membership="static")
+        name = next(n for n, m in layers[i].named_children() if m is old)
+        setattr(layers[i], name, new)
+
+
 def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = "concat") -> tuple[nn.Module, dict[Any, Any]]:
     """The DecoderWrapper (a copy, or itself) with clustered layers running the custom op; plus the table.
 
-    kv_cache="inplace" gives every node the shared-buffer contract; it needs every layer clustered (a dense
-    layer's attention would still concatenate its cache).
+    kv_cache="inplace" gives every node the shared-buffer contract, so every layer must be a node: dense
+    layers become identity-clustered ones first (one head per cluster: the same function, _fuse_dense_layers).
     """
     from chai_compile.errors import ExportError
 
@@ -138,13 +155,7 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = "concat
     if copy:
         wrapper = deepcopy(wrapper)
     if kv_cache == "inplace":
-        from chai_compile.adapters import adapter_for
-
-        ad = adapter_for(wrapper.model)
-        dense = [i for i in range(ad.spec.num_layers) if not isinstance(ad.attention(i), ClusteredAttention)]
-        if dense:
-            raise ExportError("the in-place KV cache needs every layer clustered", value=f"dense layers {dense}",
-                              fix="use --kv-cache concat, or a mapping that clusters every layer")
+        _fuse_dense_layers(wrapper.model)
         wrapper.inplace_cache = True
     holder = _MaskHolder()
     wrapper.before_call = holder
