@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def _build(build_dir: Path, require_tensorrt: bool) -> None:
             "-DCMAKE_CUDA_ARCHITECTURES=90",  # one arch keeps CI compile time modest
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DCHAI_REQUIRE_TENSORRT={'ON' if require_tensorrt else 'OFF'}",
+            # CMake looks for kernel-lens with this Python, the one the tests found it in (not PATH's python3).
+            f"-DPython3_EXECUTABLE={sys.executable}",
         ],
         check=True, capture_output=True, text=True,
     )  # fmt: skip

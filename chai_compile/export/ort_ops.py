@@ -25,9 +25,15 @@ class OrtOpsError(ExportError):
     """The op library is missing, will not build, or ONNX Runtime refuses to load it."""
 
 
+def _short(path: Path) -> str:
+    """Relative to the working directory when inside it (the usual checkout root), else absolute."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def build_command(build_dir: Path = BUILD_DIR) -> str:
-    rel = os.path.relpath(PLUGIN_DIR)
-    out = os.path.relpath(build_dir)
+    rel = _short(PLUGIN_DIR)
+    out = _short(build_dir)
     return (f"{rel}/fetch_ort_headers.sh && cmake -S {rel} -B {out} && cmake --build {out} -j "
             f"(or: chai-compile build-ort-ops)")
 

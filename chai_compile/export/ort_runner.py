@@ -174,7 +174,7 @@ class OrtDecoder:
                     binding.bind_cpu_input(name, value)
                 else:
                     binding.bind_ortvalue_input(name, value)
-            binding.bind_output(self.output_names[0], "cpu")
+            binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() follows binding order
             for name, value in zip(self.output_names[1:], past, strict=True):
                 if inplace:
                     binding.bind_ortvalue_output(name, value)
@@ -183,6 +183,9 @@ class OrtDecoder:
             self._bound = (list(past), binding) if inplace else None
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
+        # Bound afresh every step (same slot, by name): a reused binding keeps the last logits, whose shape
+        # changes with the prompt.
+        binding.bind_output(self.output_names[0], "cpu")
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return outs[0].numpy(), list(past) if inplace else list(outs[1:])
