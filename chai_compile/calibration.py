@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from chai_compile.choices import BUILTIN_CALIBRATION
 from chai_compile.errors import CalibrationError
 
-BUILTIN = "builtin"
+BUILTIN = BUILTIN_CALIBRATION
 
 
 @dataclass
@@ -46,7 +47,11 @@ def read_documents(source: str | Path | Sequence[str], text_field: str = "text")
     if not path.is_file():
         raise CalibrationError("calibration file not found", value=str(path),
                                fix="pass a .txt or .jsonl file, or --calib builtin")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:  # replacing bytes would calibrate on U+FFFD noise without a word
+        raise CalibrationError(f"calibration file {path} is not UTF-8 text: byte {e.start} is "
+                               f"0x{e.object[e.start]:02x}", fix="convert it to UTF-8, e.g. iconv -t UTF-8") from None
     if not text.strip():
         raise CalibrationError("calibration file is empty", value=str(path), fix="pass a file with text in it")
     if path.suffix in (".jsonl", ".json"):

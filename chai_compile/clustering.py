@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.cluster import AgglomerativeClustering, KMeans
 
+from chai_compile.choices import METHODS, REPRESENTATIVES  # noqa: F401  (re-exported)
 from chai_compile.errors import ClusteringError
-
-METHODS = ("agglomerative", "kmeans")
-REPRESENTATIVES = ("auto", "medoid", "lowest", "kv-min")
 
 
 def cosine_distance(similarity: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,6 +75,41 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str) -> None:
+    """Refuse a device string torch does not know, or a GPU that is not there, before loading anything."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError("unknown --device", value=device, fix="use --device cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ModelLoadError("unsupported --device", value=device, fix="use --device cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ModelLoadError("--device cuda: no CUDA GPU is visible to torch", value=device, fix="use --device cpu")
+    if dev.index is not None and dev.index >= count:
+        raise ModelLoadError(f"--device {device}: only {count} CUDA GPU(s) are visible", value=device,
+                             fix=f"use --device cuda:0..cuda:{count - 1}")
+
+
+def peek_config(spec: str) -> Any | None:
+    """The model's config when reading it is cheap (a local folder, a converted built-in), else None."""
+    if spec in BUILTIN_MODELS:
+        folder = cache_dir() / spec / "hf"
+    else:
+        folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except Exception as e:  # garbage config.json: the same message load_model would give
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not read the config of {spec!r}: {first}") from None
+
+
 def load_model(
     spec: str,
     dtype: str | torch.dtype = "float32",
@@ -88,6 +124,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    if not device_map:
+        check_device(device)
     if spec in BUILTIN_MODELS:
         location = str(_converted_gguf(builtin_gguf(spec), cache_dir() / spec / "hf"))
     elif spec.endswith(".gguf"):
@@ -110,12 +148,18 @@ def load_model(
     if device_map:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a truncated or garbage checkpoint raises SafetensorError, OSError, ValueError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load model {spec!r}: {first}",
-                             fix="check the path or hub id (no hub is reachable offline)") from None
+                             fix="check the path or hub id (no hub is reachable offline) and that the checkpoint "
+                                 "files are complete") from None
+    # transformers fills weights a checkpoint lacks with random values and only logs it: refuse instead.
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if absent:
+        raise ModelLoadError(f"checkpoint of {spec!r} lacks or mis-shapes {len(absent)} weights, e.g. {absent[0]}",
+                             fix="pass a complete checkpoint of this architecture")
     if not device_map:
         model = model.to(device)
     model.eval()

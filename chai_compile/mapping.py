@@ -8,6 +8,7 @@ derived K-cache heads consistent, and (via `check_model`) the model fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,9 @@ from chai_compile.fileio import atomic_write_text
 
 FORMAT = "chai-compile/cluster-mapping"
 SCHEMA_VERSION = 1
+# Version 2 adds a reference to refit weights; a plan without weights is still written as version 1,
+# and a reader that only knows version 1 refuses a plan whose weights it would silently ignore.
+SCHEMA_VERSION_WEIGHTS = 2
 # Layer kinds this schema version can carry. "shared" (cross-layer reuse of attention
 # probabilities) is reserved for a later version; readers of v1 reject it by name.
 LAYER_KINDS = ("dense", "clustered")
@@ -30,6 +34,14 @@ RESERVED_LAYER_KINDS = ("shared",)
 class Cluster:
     members: tuple[int, ...]
     representative: int
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Refit weights a plan carries: a safetensors file beside the plan, and its sha256."""
+
+    file: str
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,8 @@ class ClusterMapping:
     model: ModelInfo
     layers: tuple[LayerMapping, ...]
     provenance: dict[str, Any] = field(default_factory=dict)
+    weights: WeightsRef | None = None
+    source_dir: str | None = field(default=None, compare=False)  # where it was read from (weights live there)
 
     # ---- derived quantities -------------------------------------------------------------
     def layer(self, index: int) -> LayerMapping:
@@ -112,6 +126,18 @@ class ClusterMapping:
 
     def kept_k_heads(self, index: int) -> list[int]:
         return self.layers[index].kept_k_heads(self.model.num_heads, self.model.num_kv_heads)
+
+    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = "static") -> list[tuple[int, int]]:
+        """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length).
+
+        K holds the kept KV heads under static membership (every KV head under dynamic, whose
+        representatives are chosen per request); V always holds every KV head.
+        """
+        m = self.model
+        per_head = tokens * m.head_dim * elem_bytes
+        k_heads = [m.num_kv_heads if membership == "dynamic" else len(self.kept_k_heads(i))
+                   for i in range(m.num_layers)]
+        return [(k * per_head, m.num_kv_heads * per_head) for k in k_heads]
 
     def fused_layout(self, index: int) -> FusedLayout:
         m = self.model
@@ -191,7 +217,12 @@ class ClusterMapping:
 
     # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
+        from chai_compile.mapping_schema import LIMITS
+
         m = self.model
+        for name, hi in LIMITS.items():
+            if not 1 <= getattr(m, name) <= hi:
+                raise MappingError(f"model.{name} must be in 1..{hi}", value=getattr(m, name))
         if m.num_heads <= 0 or m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
             raise MappingError(
                 "model.num_heads must be a positive multiple of model.num_kv_heads",
@@ -236,9 +267,9 @@ class ClusterMapping:
                         f"{where} cluster {c}: representative is not a member of its cluster",
                         value=cl.representative,
                     )
-            missing = sorted(set(range(m.num_heads)) - set(seen))
-            if missing:
-                raise MappingError(f"{where}: heads in no cluster", value=missing)
+            if len(seen) != m.num_heads:
+                missing = [h for h in range(m.num_heads) if h not in seen]
+                raise MappingError(f"{where}: heads in no cluster", value=missing[:16])
 
     def check_model(self, other: ModelInfo) -> None:
         """Refuse to apply this mapping to a model it was not profiled on."""
@@ -251,6 +282,13 @@ class ClusterMapping:
                     value=b,
                     fix="profile this model with `chai-compile profile` and use that mapping",
                 )
+        if mine.config_sha256 != other.config_sha256:
+            raise FingerprintMismatchError(
+                "mapping is for another model configuration: the config fingerprint differs "
+                f"({mine.config_sha256[:12]} in the mapping, {other.config_sha256[:12]} in the model), e.g. a "
+                "changed rope_theta or vocabulary size",
+                fix="profile this model with `chai-compile profile` and use that mapping",
+            )
         if mine.qk_sha256 == other.qk_sha256:
             return
         if mine.qk_head_norms and _norms_close(mine.qk_head_norms, other.qk_head_norms):
@@ -264,9 +302,10 @@ class ClusterMapping:
     # ---- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         m = self.model
+        weights = {"weights": {"file": self.weights.file, "sha256": self.weights.sha256}} if self.weights else {}
         return {
             "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSION_WEIGHTS if self.weights else SCHEMA_VERSION,
             "model": {
                 "architecture": m.architecture,
                 "model_type": m.model_type,
@@ -283,6 +322,7 @@ class ClusterMapping:
             },
             "layers": [_layer_to_dict(lm, m) for lm in self.layers],
             "provenance": self.provenance,
+            **weights,
         }
 
     def to_json(self) -> str:
@@ -295,51 +335,21 @@ class ClusterMapping:
 
     @classmethod
     def read(cls, path: str | Path) -> ClusterMapping:
+        from chai_compile.fileio import read_json_strict
+
         path = Path(path)
         if not path.is_file():
             raise MappingError("mapping file not found", value=str(path), fix="pass the mapping.json that "
                                "`chai-compile profile` wrote")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MappingError(
-                f"mapping file {path} is not valid JSON (truncated or edited?): {e.msg} at line {e.lineno} "
-                f"column {e.colno}",
-                fix="regenerate it with `chai-compile profile`",
-            ) from None
-        return cls.from_dict(data, source=str(path))
+        data = read_json_strict(path, MappingError, "mapping file", "regenerate it with `chai-compile profile`")
+        return dataclasses.replace(cls.from_dict(data, source=str(path)), source_dir=str(path.parent))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "mapping") -> ClusterMapping:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise MappingError(f"{source} is not a chai-compile cluster mapping (format field missing)",
-                               value=data.get("format") if isinstance(data, dict) else type(data).__name__)
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise MappingError(
-                f"{source}: schema_version {version!r} is not supported; this chai-compile reads "
-                f"version {SCHEMA_VERSION}",
-                fix="use the chai-compile version that wrote it, or re-run profile",
-            )
-        try:
-            md = data["model"]
-            fp = md["fingerprint"]
-            model = ModelInfo(
-                architecture=_typed(md, "architecture", str),
-                model_type=_typed(md, "model_type", str),
-                num_layers=_typed(md, "num_layers", int),
-                num_heads=_typed(md, "num_heads", int),
-                num_kv_heads=_typed(md, "num_kv_heads", int),
-                head_dim=_typed(md, "head_dim", int),
-                hidden_size=_typed(md, "hidden_size", int),
-                config_sha256=_typed(fp, "config_sha256", str),
-                qk_sha256=_typed(fp, "qk_sha256", str),
-                qk_head_norms=tuple(tuple(float(x) for x in r) for r in fp.get("qk_head_norms", [])),
-            )
-            layers = [_layer_from_dict(d, i, model) for i, d in enumerate(_typed(data, "layers", list))]
-        except KeyError as e:
-            raise MappingError(f"{source}: required field {e.args[0]!r} is missing") from None
-        mapping = cls(model, tuple(layers), dict(data.get("provenance") or {}))
+        from chai_compile.mapping_schema import parse_document
+
+        model, layers, provenance, weights = parse_document(data, source)
+        mapping = cls(model, tuple(layers), provenance, weights)
         mapping.validate()
         for i, d in enumerate(data["layers"]):
             if "kept_k_heads" in d and list(d["kept_k_heads"]) != mapping.kept_k_heads(i):
@@ -362,38 +372,6 @@ def _layer_to_dict(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _layer_from_dict(d: Any, i: int, model: ModelInfo) -> LayerMapping:
-    if not isinstance(d, dict):
-        raise MappingError(f"layer {i}: expected an object", value=type(d).__name__)
-    kind = d.get("kind")
-    if kind in RESERVED_LAYER_KINDS:
-        raise MappingError(f"layer {i}: layer kind {kind!r} is reserved and not supported by schema "
-                           f"version {SCHEMA_VERSION}", value=kind)
-    if kind not in LAYER_KINDS:
-        raise MappingError(f"layer {i}: unknown layer kind; expected one of {', '.join(LAYER_KINDS)}",
-                           value=kind)
-    index = _typed(d, "index", int)
-    if kind == "dense":
-        return LayerMapping(index, "dense")
-    clusters = []
-    for c, cd in enumerate(_typed(d, "clusters", list)):
-        members = _typed(cd, "members", list)
-        for h in members:
-            if not isinstance(h, int) or isinstance(h, bool):
-                raise MappingError(f"layer {i} cluster {c}: head indices must be integers", value=h)
-        clusters.append(Cluster(tuple(members), _typed(cd, "representative", int)))
-    return LayerMapping(index, "clustered", tuple(clusters))
-
-
-def _typed(d: Any, key: str, typ: type) -> Any:
-    if not isinstance(d, dict):
-        raise MappingError(f"expected an object holding {key!r}", value=type(d).__name__)
-    v = d[key]
-    if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
-        raise MappingError(f"field {key!r} must be {typ.__name__}", value=v)
-    return v
-
-
 def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rtol: float = 2e-3) -> bool:
     ra, rb = [list(x) for x in a], [list(x) for x in b]
     if len(ra) != len(rb):
@@ -402,6 +380,6 @@ def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rto
         if len(xa) != len(xb):
             return False
         for u, v in zip(xa, xb, strict=True):
-            if abs(u - v) > rtol * max(abs(u), abs(v), 1e-12):
+            if not abs(u - v) <= rtol * max(abs(u), abs(v), 1e-12):  # `not <=`: NaN never agrees
                 return False
     return True

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +13,9 @@ from tqdm.auto import tqdm
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
-from chai_compile.calibration import BUILTIN, build_calibration
+from chai_compile.calibration import build_calibration
 from chai_compile.capture import capture_attention
 from chai_compile.clustering import (
-    METHODS,
-    REPRESENTATIVES,
     allocate_kv_budget,
     choose_representatives,
     cluster_heads,
@@ -27,32 +24,16 @@ from chai_compile.clustering import (
     kv_drop_options,
     sse_curve,
 )
-from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
-
-FEATURES = ("rows", "first_n")
-
-
-@dataclass
-class ProfileOptions:
-    calib: Any = BUILTIN  # path, "builtin", or a list of strings
-    samples: int = 32
-    seq_len: int = 256
-    seed: int = 0
-    batch_size: int = 8
-    first_n: int = 5
-    rows_per_sample: int = 16
-    text_field: str = "text"
-    features: str = "rows"
-    method: str = "agglomerative"
-    clusters: int | list[int] | None = None  # None: knee of the k-means error curve per layer
-    dense_layers: list[int] = field(default_factory=list)
-    representative: str = "auto"
-    # Fraction of the whole KV cache to free (0..0.5). Overrides `clusters`: drops the K heads whose
-    # query heads other heads cover best, layer by layer, cheapest first.
-    kv_target: float | None = None
+from chai_compile.profile_options import (  # noqa: F401  (re-exported)
+    FEATURES,
+    ProfileOptions,
+    check_options,
+    check_static,
+    max_positions,
+)
 
 
 @dataclass
@@ -74,27 +55,6 @@ class ProfileData:
             "calibration": self.calibration,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
-
-
-def check_options(opts: ProfileOptions, num_layers: int, num_heads: int) -> None:
-    if opts.method not in METHODS:
-        raise ClusteringError(f"unknown --method; choose one of {', '.join(METHODS)}", value=opts.method)
-    if opts.features not in FEATURES:
-        raise ClusteringError(f"unknown --features; choose one of {', '.join(FEATURES)}", value=opts.features)
-    if opts.representative not in REPRESENTATIVES:
-        raise ClusteringError(f"unknown --representative; choose one of {', '.join(REPRESENTATIVES)}",
-                              value=opts.representative)
-    counts = opts.clusters if isinstance(opts.clusters, list) else [opts.clusters] if opts.clusters else []
-    if isinstance(opts.clusters, list) and len(opts.clusters) != num_layers:
-        raise ClusteringError(f"--clusters list needs one count per layer ({num_layers})",
-                              value=len(opts.clusters))
-    for c in counts:
-        if not 1 <= c <= num_heads:
-            raise ClusteringError(f"cannot make more clusters than heads: the model has {num_heads} heads per "
-                                  "layer", value=c, fix=f"pass --clusters between 1 and {num_heads}")
-    for d in opts.dense_layers:
-        if not 0 <= d < num_layers:
-            raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=d)
 
 
 def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
@@ -128,8 +88,6 @@ def _provenance(data: ProfileData, opts: ProfileOptions) -> dict[str, Any]:
 
 def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray) -> ClusterMapping:
     m = data.model
-    if not 0.0 < opts.kv_target < 0.5:
-        raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=opts.kv_target)
     total_kv = m.num_layers * m.num_kv_heads
     to_drop = int(np.ceil(opts.kv_target * 2 * total_kv - 1e-9))  # each K head is 1/(2*total_kv) of the cache
     options = [kv_drop_options(sim[i], m.group_size) for i in range(m.num_layers)]
@@ -148,7 +106,7 @@ def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray)
 def measure(loaded: LoadedModel, opts: ProfileOptions, progress: bool = True) -> ProfileData:
     adapter = adapter_for(loaded.model)
     info = model_info(adapter)
-    check_options(opts, info.num_layers, info.num_heads)
+    check_options(opts, info.num_layers, info.num_heads, max_positions(loaded.model.config))
     t0 = time.perf_counter()
     calib = build_calibration(loaded.tokenizer, opts.calib, opts.samples, opts.seq_len, opts.seed,
                               opts.first_n, opts.text_field)
@@ -174,9 +132,17 @@ def profile_model(loaded: LoadedModel, opts: ProfileOptions, progress: bool = Tr
 
 def load_profile_data(path: str | Path, mapping: ClusterMapping) -> ProfileData:
     """Re-read a profile.json written by `chai-compile profile` (for sweeps over budgets)."""
-    d = json.loads(Path(path).read_text())["profile"]
-    return ProfileData(mapping.model, {k: np.asarray(v) for k, v in d["similarity"].items()}, d["sse"], d["knee"],
-                       d["calibration"], d["timings"])
+    from chai_compile.errors import MappingError
+    from chai_compile.fileio import read_json_strict
+
+    fix = "re-run `chai-compile profile`"
+    doc = read_json_strict(Path(path), MappingError, "profile file", fix)
+    try:
+        d = doc["profile"]
+        return ProfileData(mapping.model, {k: np.asarray(v, dtype=float) for k, v in d["similarity"].items()},
+                           d["sse"], d["knee"], d["calibration"], d["timings"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise MappingError(f"profile file {path} is malformed: {type(e).__name__} {e}", fix=fix) from None
 
 
 def budget_options(base: ProfileOptions, num_layers: int, counts: Sequence[int],

@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
 import click
 
-from chai_compile.clustering import METHODS, REPRESENTATIVES
-from chai_compile.errors import ClusteringError
-from chai_compile.fileio import check_output_dir, staged_output_dir, write_json
-from chai_compile.profile import FEATURES, ProfileOptions, profile_model
-
-
-def _int_list(text: str | None, what: str) -> list[int]:
-    """'0-3,7' -> [0, 1, 2, 3, 7]."""
-    if not text:
-        return []
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part.strip()[1:]:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise ClusteringError(f"{what} must be integers or ranges like 0-3,7", value=text) from None
-    return out
+from chai_compile.choices import FEATURES, METHODS, REPRESENTATIVES
+from chai_compile.cli_parse import expand_ranges, parse_int_list, parse_ranges
+from chai_compile.errors import UsageError
 
 
 def _clusters(text: str | None) -> int | list[int] | None:
-    if text is None or text == "auto":
+    if text is None or text.strip() == "auto":
         return None
-    values = _int_list(text, "--clusters")
+    values = parse_int_list(text, "--clusters")
     return values[0] if len(values) == 1 and "," not in text else values
+
+
+def _layers_and_heads(config) -> tuple[int | None, int | None]:
+    return getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
 
 
 @click.command()
@@ -73,23 +60,43 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
             overwrite: bool, as_json: bool) -> None:
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
 
-    from chai_compile.loading import load_model
-    from chai_compile.report import markdown, plots, savings
+    from chai_compile.fileio import claim_output_dir, write_json
+    from chai_compile.profile_options import ProfileOptions, check_options, check_static, max_positions
 
+    dense = parse_ranges(dense_layers, "--dense-layers")  # expanded only once checked against the model
     opts = ProfileOptions(calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
                           first_n=first_n, rows_per_sample=rows_per_sample, text_field=text_field,
-                          features=features, method=method, clusters=_clusters(clusters),
-                          dense_layers=_int_list(dense_layers, "--dense-layers"), representative=representative,
+                          features=features, method=method, clusters=_clusters(clusters), representative=representative,
                           kv_target=kv_target)
-    check_output_dir(out_dir, overwrite)  # fail before the expensive part
-    loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
-    data, mapping = profile_model(loaded, opts)
-    summary = savings(mapping, context=seq_len)
-    with staged_output_dir(out_dir, overwrite=overwrite) as stage:
-        mapping.write(stage / "mapping.json")
-        write_json(stage / "profile.json", {"model": model, "summary": summary, "profile": data.to_dict()})
-        (stage / "report.md").write_text(markdown(summary, mapping, f"chai-compile profile: {model}"))
-        plots(stage, data.similarity[features], data.sse, data.knee, mapping)
+    check_static(opts)
+    with claim_output_dir(out_dir, overwrite) as claim:  # locked before anything heavy is imported or loaded
+        from chai_compile.loading import load_model, peek_config
+        from chai_compile.profile import profile_model
+        from chai_compile.report import markdown, plots, savings
+
+        config = peek_config(model)
+        if config is not None:  # sizes checked from config.json, before the weights are loaded
+            layers, heads = _layers_and_heads(config)
+            if layers and heads:
+                check_options(dataclasses.replace(opts, dense_layers=expand_ranges(dense, layers, "--dense-layers")),
+                              layers, heads, max_positions(config))
+        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+        layers, _ = _layers_and_heads(loaded.model.config)
+        if dense and not layers:
+            raise UsageError("--dense-layers: the model's config does not say how many layers it has",
+                             fix="drop --dense-layers")
+        opts = dataclasses.replace(opts, dense_layers=expand_ranges(dense, layers or 0, "--dense-layers"))
+        data, mapping = profile_model(loaded, opts)
+        used = data.calibration["samples"]
+        if used < samples:
+            click.echo(f"chai-compile: warning: the calibration text holds {used} sequences of {seq_len} tokens; "
+                       f"using {used} of the {samples} requested by --samples", err=True)
+        summary = savings(mapping, context=seq_len)
+        with claim.stage() as stage:
+            mapping.write(stage / "mapping.json")
+            write_json(stage / "profile.json", {"model": model, "summary": summary, "profile": data.to_dict()})
+            (stage / "report.md").write_text(markdown(summary, mapping, f"chai-compile profile: {model}"))
+            plots(stage, data.similarity[features], data.sse, data.knee, mapping)
     if as_json:
         click.echo(json.dumps({"out": out_dir, "summary": summary, "timings": data.timings}, indent=1))
     else:

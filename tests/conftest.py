@@ -39,3 +39,10 @@ def ort_ops_library():
             pytest.skip("cmake missing: cannot build the ONNX Runtime op library")
         lib = ort_ops.build(cuda=False, log=lambda m: None)
     return lib
+
+
+def pytest_collection_modifyitems(config, items):
+    # Anything that loads SmolLM2-135M is slow (a 98 MB GGUF dequantized, 30 layers): mark it in one place.
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -55,6 +55,7 @@ def _build(build_dir: Path, require_tensorrt: bool) -> None:
             "-DCMAKE_BUILD_TYPE=Release",
             "-DCMAKE_CUDA_ARCHITECTURES=90",  # one arch keeps CI compile time modest
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DPython3_EXECUTABLE={sys.executable}",  # the interpreter that has kernel-lens (a venv's)
             f"-DCHAI_REQUIRE_TENSORRT={'ON' if require_tensorrt else 'OFF'}",
             # CMake looks for kernel-lens with this Python, the one the tests found it in (not PATH's python3).
             f"-DPython3_EXECUTABLE={sys.executable}",

@@ -4,7 +4,18 @@
 `chai-compile export` / `verify-artifact` drive both from the command line.
 """
 
-from chai_compile.export.onnx_export import MIN_OPSET, ExportResult, export_decoder
-from chai_compile.export.ort_runner import OrtDecoder
+from __future__ import annotations
 
-__all__ = ["MIN_OPSET", "ExportResult", "OrtDecoder", "export_decoder"]
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562): `chai_compile.export.cli` must not import torch and onnx for `--help`.
+_LAZY = {"MIN_OPSET": "onnx_export", "ExportResult": "onnx_export", "export_decoder": "onnx_export",
+         "OrtDecoder": "ort_runner"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -10,9 +11,9 @@ from typing import Any
 
 import click
 
+from chai_compile.choices import GREEDY_STEPS
 from chai_compile.errors import ExportError, ValidationFailed
-from chai_compile.export.validate import GREEDY_STEPS
-from chai_compile.fileio import check_output_dir
+from chai_compile.fileio import claim_output_dir
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 
@@ -34,7 +35,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                kv_cache: str = "concat") -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, validate
     from chai_compile.export.ort_runner import OrtDecoder
-    from chai_compile.fileio import staged_output_dir, write_json
+    from chai_compile.fileio import claim_output_dir, write_json
 
     if not no_mapping and not mapping_path:
         raise ExportError("--mapping is required", fix="pass --mapping MAPPING.json, or --no-mapping for the original")
@@ -47,55 +48,54 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             raise ExportError("the ClusteredAttention plugin library is not built", value=str(plugin_library()),
                               fix="cmake -S plugins/tensorrt -B plugins/tensorrt/build && cmake --build "
                                   "plugins/tensorrt/build, or set CHAI_TRT_PLUGIN to the .so")
-    if opset < onnx_export.MIN_OPSET[attention]:
-        raise ExportError(f"opset {opset} is too old for the {attention} form", value=opset,
-                          fix=f"use --opset {onnx_export.MIN_OPSET[attention]} or newer")
+    onnx_export.check_opset(attention, opset)
     if no_mapping and attention == "fused":
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
     if kv_cache == "inplace" and attention != "fused":
         raise ExportError("the in-place KV cache needs the fused form", value=attention, fix="add --attention fused")
-    check_output_dir(out, overwrite)  # fail before loading anything
-    from chai_compile.mapping import ClusterMapping
+    with claim_output_dir(out, overwrite) as claim:  # locked and checked before loading anything
+        from chai_compile.mapping import ClusterMapping
 
-    mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
-    tokenizer, source = _load(model, mapping)
-    log("running the PyTorch model for the validation reference")
-    reference = validate.reference(source, tokenizer, steps)
-    release_memory()  # the reference's activations
-    cache = onnx_export.cache_spec(source)
-    if dtype == "fp16":
-        source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
-    meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
-                                           cache=cache, kv_cache=kv_cache)
-    with staged_output_dir(out, overwrite) as stage:
-        log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
-        res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
-                                         in_place=True, kv_cache=kv_cache)
-        del source
-        release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
-        clean.check(res.path)
-        stats = clean.graph_stats(res.path)
-        if mapping is not None:
-            write_json(stage / "mapping.json", json.loads(mapping.to_json()))
-        if attention == "fused" and dtype != "fp32":
-            report = {"passed": None, "skipped": "the fused node's ONNX Runtime CPU kernels are float32 only"}
-        else:
-            report = validate.compare(reference, OrtDecoder(stage), tokenizer, dtype=dtype)
-        log(f"validation: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
-        if report["passed"] is False:
-            raise ValidationFailed(
-                f"exported graph disagrees with PyTorch: max abs diff {report['max_abs_diff_past0']:.3g} / "
-                f"{report['max_abs_diff_past']:.3g} (tolerance {report['atol']}), greedy identical: "
-                f"{report['greedy_identical']}")
-        if fmt == "tensorrt":
-            _build_engine(res, stage, dtype)
-        man = manifest.build_manifest(
-            stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
-            opset=opset, external_data=res.external_data, cache=res.cache.to_dict(), export_s=round(res.export_s, 2),
-            kv_cache=kv_cache,
-            stats=stats, validation=report, mapping=mapping.summary() if mapping else None,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        write_json(stage / manifest.MANIFEST, man)
+        mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
+        tokenizer, source = _load(model, mapping)
+        log("running the PyTorch model for the validation reference")
+        reference = validate.reference(source, tokenizer, steps)
+        release_memory()  # the reference's activations
+        cache = onnx_export.cache_spec(source)
+        if dtype == "fp16":
+            source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
+        meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
+                                               cache=cache, kv_cache=kv_cache)
+        with claim.stage() as stage:
+            log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
+            res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
+                                             in_place=True, kv_cache=kv_cache)
+            del source
+            release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
+            clean.check(res.path)
+            stats = clean.graph_stats(res.path)
+            if mapping is not None:
+                write_json(stage / "mapping.json", json.loads(mapping.to_json()))
+            if attention == "fused" and dtype != "fp32":
+                report = {"passed": None, "skipped": "the fused node's ONNX Runtime CPU kernels are float32 only"}
+            else:
+                report = validate.compare(reference, OrtDecoder(stage), tokenizer, dtype=dtype)
+            log(f"validation: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
+            if report["passed"] is False:
+                raise ValidationFailed(
+                    f"exported graph disagrees with PyTorch: max abs diff {report['max_abs_diff_past0']:.3g} / "
+                    f"{report['max_abs_diff_past']:.3g} (tolerance {report['atol']}), greedy identical: "
+                    f"{report['greedy_identical']}")
+            if fmt == "tensorrt":
+                _build_engine(res, stage, dtype)
+            man = manifest.build_manifest(
+                stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
+                opset=opset, external_data=res.external_data, cache=res.cache.to_dict(),
+                export_s=round(res.export_s, 2), kv_cache=kv_cache, stats=stats, validation=report,
+                mapping=mapping.summary() if mapping else None,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            man = manifest.seal(man)
+            write_json(stage / manifest.MANIFEST, man)
     return man
 
 
@@ -178,11 +178,16 @@ def is_artifact(path: str) -> bool:
 def check_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None, steps: int,
                    as_json: bool, out: str | None, overwrite: bool) -> None:
     """Validate ARTIFACT against PyTorch, write the report, exit non-zero (ValidationFailed) on a mismatch."""
-    if out:
-        check_output_dir(out, overwrite)  # before the minutes of work
-    result = run_verify_artifact(artifact, model_spec, tasks_text, limit, steps, log=lambda m: click.echo(m, err=True))
-    if out:
-        _write_verify_artifact(out, overwrite, artifact, result)
+    from chai_compile.export.manifest import verify_files
+
+    verify_files(artifact)  # every file against the manifest, before anything reads them
+    with contextlib.ExitStack() as stack:
+        if out:  # locked and checked before the minutes of work
+            stack.enter_context(claim_output_dir(out, overwrite))
+        result = run_verify_artifact(artifact, model_spec, tasks_text, limit, steps,
+                                     log=lambda m: click.echo(m, err=True))
+        if out:
+            _write_verify_artifact(out, overwrite, artifact, result)
     if as_json:
         click.echo(json.dumps(result, indent=1))
     if not result["passed"]:
@@ -212,12 +217,12 @@ def _write_verify_artifact(out: str, overwrite: bool, artifact: str, result: dic
 def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str | None, limit: int | None,
                         steps: int = GREEDY_STEPS, log: Any = print) -> dict[str, Any]:
     from chai_compile.export import validate
+    from chai_compile.export.manifest import verify_files
     from chai_compile.export.ort_runner import OrtDecoder
 
-    man_path = Path(artifact) / "manifest.json"
-    if not man_path.is_file():
+    if not is_artifact(artifact):
         raise ExportError("not an export directory (no manifest.json)", value=artifact)
-    man = json.loads(man_path.read_text())
+    man = verify_files(artifact)
     mapping_file = Path(artifact) / "mapping.json"
     from chai_compile.mapping import ClusterMapping
 

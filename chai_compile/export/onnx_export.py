@@ -21,18 +21,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.choices import DEFAULT_OPSET
 from chai_compile.compat import model_forward, output_cache
-from chai_compile.errors import ExportError
+from chai_compile.errors import ExportError, root_cause
 from chai_compile.mapping import ClusterMapping
 
 # Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
 # as inputs, Split num_outputs); older opsets need the down-conversion that loses dynamic shapes.
 MIN_OPSET = {"portable": 18, "fused": 18}
-DEFAULT_OPSET = 23
 ATTENTION_FORMS = ("portable", "fused")
 GRAPH_NAME = "model.onnx"
 DATA_NAME = GRAPH_NAME + ".data"  # what torch.onnx's ONNXProgram.save(external_data=True) writes
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+
+
+def max_opset() -> int:
+    """The newest opset both torch's exporter and the installed onnx know."""
+    import onnx
+    from torch.onnx import _constants  # no public name for it
+
+    return min(onnx.defs.onnx_opset_version(), getattr(_constants, "ONNX_MAX_OPSET", DEFAULT_OPSET))
+
+
+def check_opset(attention: str, opset: int) -> None:
+    if attention not in MIN_OPSET:
+        raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}", value=attention)
+    if opset < MIN_OPSET[attention]:
+        raise ExportError(f"opset {opset} is too old for the {attention} form",
+                          value=opset, fix=f"use --opset {MIN_OPSET[attention]} or newer (default {DEFAULT_OPSET})")
+    if opset > (newest := max_opset()):
+        raise ExportError(f"opset {opset} is newer than the exporter supports ({newest})", value=opset,
+                          fix=f"use --opset {newest} or older (default {DEFAULT_OPSET})")
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -244,11 +263,7 @@ def export_decoder(
     tensor at a time instead of building a second in-memory copy of the model as one protobuf, ONNX
     Runtime maps the file instead of parsing it, and protobuf's 2 GB limit never applies.
     """
-    if attention not in ATTENTION_FORMS:
-        raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}", value=attention)
-    if opset < MIN_OPSET[attention]:
-        raise ExportError(f"opset {opset} is too old for the {attention} form",
-                          value=opset, fix=f"use --opset {MIN_OPSET[attention]} or newer (default {DEFAULT_OPSET})")
+    check_opset(attention, opset)
     from chai_compile.export.clean import finalize_ir
 
     spec = cache_spec(model)
@@ -277,9 +292,10 @@ def export_decoder(
                 output_names=out_names, dynamo=True, opset_version=opset, custom_translation_table=table,
                 optimize=True, verbose=False,
             )
-    except Exception as e:  # the exporter raises many types; the first line is what a user can act on
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx.export failed: {first[:300]}") from e
+    except Exception as e:  # the exporter raises many types, wrapped; the innermost one names the problem
+        raise ExportError(f"torch.onnx.export failed ({attention} form): {root_cause(e)[:300]}",
+                          fix="a model family or opset the exporter supports; CHAI_COMPILE_DEBUG=1 shows the "
+                              "traceback") from e
     finalize_ir(prog.model, metadata or {})
     path = Path(out_dir) / GRAPH_NAME
     prog.save(str(path), external_data=True)

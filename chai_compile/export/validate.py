@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chai_compile.choices import GREEDY_STEPS  # noqa: F401  (re-exported)
 from chai_compile.compat import model_forward
 from chai_compile.export.ort_runner import OrtDecoder
 
@@ -26,7 +27,6 @@ FP32_ATOL = 1e-4
 FP16_RELATIVE = 0.02
 PAST_SPLIT = 3  # the with-past check feeds the last 3 prompt tokens through the cache
 PADDING = 2  # left-padding check: row 0 gets 2 pad tokens
-GREEDY_STEPS = 32  # what the export, verify-artifact and verify ARTIFACT_DIR compare by default
 
 
 def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS, length: int = 12) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 from chai_compile.adapters import adapter_for
 from chai_compile.fingerprint import model_info
 from chai_compile.mapping import ClusterMapping
+from chai_compile.plan.weights import load_weights
 from chai_compile.rewrite.clustered_attention import MEMBERSHIPS, ClusteredAttention, RewriteError
 
 
@@ -18,8 +19,10 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
     membership="dynamic": the paper's online mode: clusters chosen per request from the first 5
     tokens with the mapping's per-layer counts. The K cache then keeps every KV head (membership
     is unknown ahead of time), so it saves score compute and Q projection, not memory.
-    Dense layers are left untouched. Raises FingerprintMismatchError when the mapping was
-    profiled on another model, RewriteError for a bad `membership` or an already rewritten model.
+    Dense layers are left untouched. A plan that carries refit weights (`chai-compile plan`) has them
+    loaded into its clustered layers, checked against the plan's sha256. Raises FingerprintMismatchError
+    when the mapping was profiled on another model, RewriteError for a bad `membership` or an already
+    rewritten model, MappingError for weights that are missing or do not match the plan.
     """
     if membership not in MEMBERSHIPS:
         raise RewriteError(f"membership must be one of {', '.join(MEMBERSHIPS)}", value=membership)
@@ -27,6 +30,7 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
     if any(isinstance(m, ClusteredAttention) for m in model.modules()):
         raise RewriteError("the model is already rewritten", fix="apply a mapping to an original model")
     mapping.check_model(model_info(adapter))
+    refit = load_weights(mapping) or {}
     # Rewritten layers read the masks the decoder builds for eager or sdpa (4D additive or bool, or
     # None for plain causal); flash/flex attention build other forms, so switch those to sdpa.
     impl = getattr(model.config, "_attn_implementation", None)
@@ -42,6 +46,8 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
             continue
         old = adapter.attention(i)
         new = ClusteredAttention(adapter, i, lm, membership=membership)
+        if i in refit:
+            new.load_refit(refit[i].q_rows, refit[i].o_weight)
         new.train(old.training)
         name = next(n for n, m in layers[i].named_children() if m is old)
         swaps.append((layers[i], name, new))

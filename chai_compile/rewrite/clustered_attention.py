@@ -224,6 +224,22 @@ class ClusteredAttention(nn.Module):
             self.k_proj = _linear(p.k_weight, p.k_bias)
             self.num_kept = kv
 
+    @torch.no_grad()
+    def load_refit(self, q_rows: dict[int, tuple[torch.Tensor, torch.Tensor | None]],
+                   o_weight: torch.Tensor | None) -> None:
+        """Take a plan's refit weights: representatives' Q rows and the output projection."""
+        if self.membership != "static":
+            raise RewriteError("refit weights are fitted to the plan's static clusters",
+                               fix="use --membership static with a plan that carries weights")
+        d = self.head_dim
+        for head, (w, b) in q_rows.items():
+            pos = self.layout.reps.index(head)
+            self.q_proj.weight[pos * d : (pos + 1) * d] = w.to(self.q_proj.weight)
+            if b is not None:
+                self.q_proj.bias[pos * d : (pos + 1) * d] = b.to(self.q_proj.bias)
+        if o_weight is not None:
+            self.o_proj.weight.copy_(o_weight.to(self.o_proj.weight))
+
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, membership={self.membership}, heads={self.num_heads}, "
                 f"clusters={self.num_clusters}, k_heads={self.num_kept}/{self.num_kv_heads}, head_dim={self.head_dim}")

@@ -6,12 +6,22 @@
 - `compare`: one code path for verify and sweep; `report`: JSON, Markdown, PNG; `cli`: the commands.
 """
 
-from chai_compile.verify.compare import build_chai, compare_loaded, evaluate, max_drop_violations
-from chai_compile.verify.scoring import loglikelihoods, prepare, score
-from chai_compile.verify.sweep import collect_mappings, sweep
-from chai_compile.verify.tasks import ALL_TASKS, TASKS, Task, load_task, resolve_tasks
+from __future__ import annotations
 
-__all__ = [
-    "ALL_TASKS", "TASKS", "Task", "build_chai", "collect_mappings", "compare_loaded", "evaluate", "load_task",
-    "loglikelihoods", "max_drop_violations", "prepare", "resolve_tasks", "score", "sweep",
-]
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562): `chai_compile.verify.cli` must not import torch for `--help`.
+_LAZY = {
+    **dict.fromkeys(("build_chai", "compare_loaded", "evaluate", "max_drop_violations"), "compare"),
+    **dict.fromkeys(("loglikelihoods", "prepare", "score"), "scoring"),
+    "collect_mappings": "sweep",  # (`sweep` itself names the submodule here; use verify.sweep.sweep)
+    **dict.fromkeys(("ALL_TASKS", "TASKS", "Task", "load_task", "resolve_tasks"), "tasks"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

@@ -8,8 +8,9 @@ from typing import Any
 
 import click
 
+from chai_compile.cli_parse import parse_int_list
 from chai_compile.errors import MappingError, ValidationFailed
-from chai_compile.fileio import check_output_dir
+from chai_compile.fileio import claim_output_dir
 
 
 def _log(msg: str) -> None:
@@ -59,8 +60,9 @@ def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | 
 
 
 def _check_out(out_dir: str | None, overwrite: bool) -> None:
+    """Check and lock --out before the expensive part; click releases the lock when the command ends."""
     if out_dir:
-        check_output_dir(out_dir, overwrite)  # fail before the expensive part
+        click.get_current_context().with_resource(claim_output_dir(out_dir, overwrite))
 
 
 def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: str, plot) -> None:
@@ -137,18 +139,6 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
         raise ValidationFailed(f"CHAI exceeds --max-drop {max_drop:g}: " + "; ".join(violations))
 
 
-def _int_list(text: str | None, option: str) -> list[int]:
-    from chai_compile.errors import ClusteringError
-
-    if not text:
-        return []
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ClusteringError(f"{option} expects comma-separated integers", value=text,
-                              fix=f"e.g. {option} 2,3,4") from None
-
-
 @click.command()
 @click.argument("model")
 @click.option("--profile", "profile_dir", default=None, type=click.Path(),
@@ -184,8 +174,9 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
     tasks = _tasks(tasks_text, task_files, data_dir)
     mappings = []
     if profile_dir:
-        mappings += mappings_from_profile(profile_dir, _int_list(clusters_text, "--clusters"),
-                                          _int_list(dense_text, "--dense-prefix"), include_default=not no_default)
+        mappings += mappings_from_profile(profile_dir, parse_int_list(clusters_text, "--clusters", minimum=1),
+                                          parse_int_list(dense_text, "--dense-prefix", minimum=0),
+                                          include_default=not no_default)
     if mapping_paths:
         mappings += collect_mappings(mapping_paths)
     _log(f"sweeping {len(mappings)} mappings: {', '.join(label for label, _ in mappings)}")

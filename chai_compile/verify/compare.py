@@ -18,7 +18,7 @@ from torch import nn
 from chai_compile.errors import ChaiError
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import ClusterMapping
-from chai_compile.verify.measure import flops_comparison, measure_kv_cache
+from chai_compile.verify.measure import check_cache_prediction, flops_comparison, measure_kv_cache
 from chai_compile.verify.scoring import LogitsBackend, Prepared, model_max_length, prepare, score
 from chai_compile.verify.tasks import Task
 
@@ -160,6 +160,7 @@ def compare_loaded(
         try:
             chai = evaluate(chai_model, tok, prepared, batch_size, f"CHAI {label}".strip(), log)
             kv = measure_kv_cache(chai_model, kv_tokens, kv_decode)
+            check_cache_prediction(kv, mapping, membership)
         finally:
             del chai_model
             if torch.cuda.is_available():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from chai_compile.compat import model_forward, output_cache
+from chai_compile.errors import ValidationFailed
 from chai_compile.mapping import ClusterMapping
 
 
@@ -74,8 +75,51 @@ def measure_kv_cache(model: nn.Module, tokens: int = 512, decode_steps: int = 0,
         "per_layer_bytes_per_token": [
             (p["key_bytes"] + p["value_bytes"]) / stored for p in b.get("per_layer", [])
         ],
+        "per_layer_bytes": [[p["key_bytes"], p["value_bytes"]] for p in b.get("per_layer", [])],
+        "elem_bytes": next(model.parameters()).element_size(),
         "prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
     }
+
+
+@torch.no_grad()
+def decode_differences(model: nn.Module, ids: torch.Tensor, splits: tuple[int, ...]) -> tuple[dict[str, float], Any]:
+    """Max |logit difference| of cached decoding against the cache-free full forward of `ids`.
+
+    One entry per prefill split point p (prefill ids[:, :p], then the rest in one step) and one for
+    token-by-token decode; also returns the token-by-token cache, filled with every token. A layer
+    that ignores its cache differs by whole logits here, not by rounding.
+    """
+    from transformers import DynamicCache
+
+    full = model(input_ids=ids, use_cache=False).logits
+    diffs = {}
+    for p in splits:
+        cache = DynamicCache(config=model.config)
+        head = model_forward(model, cache, input_ids=ids[:, :p]).logits
+        tail = model_forward(model, cache, input_ids=ids[:, p:]).logits
+        diffs[f"split@{p}"] = (torch.cat([head, tail], 1) - full).abs().max().item()
+    cache = DynamicCache(config=model.config)
+    steps = [model_forward(model, cache, input_ids=ids[:, t : t + 1]).logits for t in range(ids.shape[1])]
+    diffs["token_by_token"] = (torch.cat(steps, 1) - full).abs().max().item()
+    return diffs, cache
+
+
+def check_cache_prediction(kv: dict[str, Any], mapping: ClusterMapping, membership: str = "static") -> None:
+    """Fail when the cache a model really filled differs from what its mapping predicts.
+
+    A rewritten layer that ran without its cache leaves it empty (a "100% saving"); one that stored
+    the wrong heads leaves the wrong size. Either must stop verify, not be reported as a saving.
+    """
+    stored = kv["batch"] * (kv["prefill_tokens"] + kv["decode_steps"])
+    predicted = [list(p) for p in mapping.cache_bytes(stored, kv["elem_bytes"], membership)]
+    measured = kv["per_layer_bytes"]
+    if measured != predicted:
+        bad = next((i for i, p in enumerate(predicted) if i >= len(measured) or measured[i] != p), 0)
+        got = measured[bad] if bad < len(measured) else None
+        raise ValidationFailed(
+            f"the KV cache the CHAI model filled differs from its mapping's prediction at layer {bad}: "
+            f"(K, V) bytes measured {got}, predicted {predicted[bad]}",
+            fix="install a transformers release in the tested range (docs/compat.md) and report the mismatch")
 
 
 def head_counts(num_layers: int, num_heads: int, num_kv_heads: int,

@@ -1,0 +1,81 @@
+"""`chai-compile plan`: choose shared scores under a budget by measured loss, refit, write the plan."""
+
+from __future__ import annotations
+
+import click
+
+from chai_compile.errors import ClusteringError
+from chai_compile.fileio import check_output_dir, staged_output_dir, write_json
+from chai_compile.plan.options import BUILTIN, PlanOptions, Refit
+
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "plan.weights.safetensors"
+
+
+@click.command()
+@click.argument("model")
+@click.option("--kv-target", type=float, default=None,
+              help="Free this fraction of the native KV cache (0-0.5; K heads, GQA counted).")
+@click.option("--max-ppl-increase", type=float, default=None,
+              help="Stop before calibration perplexity rises by more than this fraction (0.05 = 5%).")
+@click.option("--calib", default=BUILTIN, show_default=True,
+              help="Calibration text (.txt/.jsonl or 'builtin'); WikiText-2 valid is a good choice. Never an eval set.")
+@click.option("--samples", default=8, show_default=True, help="Scoring windows: every candidate is measured on these.")
+@click.option("--refit-samples", default=32, show_default=True, help="Windows for reconstruction.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--per-round", default=4, show_default=True,
+              help="K heads accepted per greedy round (fewer: slower, closer to one-at-a-time greedy).")
+@click.option("--refit", type=click.Choice([r.value for r in Refit]), default=Refit.ALL.value, show_default=True,
+              help="Reconstruction after the choice: shared queries, W_o, both, or none.")
+@click.option("--query-steps", default=150, show_default=True, help="Adam steps of the shared-query fit.")
+@click.option("--dense-layers", default="", help="Layers never touched, e.g. 0-1.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, calib: str, samples: int,
+         refit_samples: int, seq_len: int, batch_size: int, per_round: int, refit: str, query_steps: int,
+         dense_layers: str, seed: int, dtype: str, device: str, out_dir: str, overwrite: bool) -> None:
+    """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
+    from chai_compile.profile_cli import _int_list
+
+    dense = _int_list(dense_layers, "--dense-layers")
+    opts = PlanOptions(calib=calib, kv_target=kv_target, max_ppl_increase=max_ppl_increase, samples=samples,
+                       refit_samples=refit_samples, seq_len=seq_len, batch_size=batch_size, per_round=per_round,
+                       refit=Refit(refit), query_steps=query_steps, dense_layers=tuple(dense), seed=seed)
+    opts.check()  # budget and sizes before loading anything
+    check_output_dir(out_dir, overwrite)
+
+    import dataclasses
+
+    from chai_compile.loading import load_model
+    from chai_compile.plan.planner import plan_model
+    from chai_compile.plan.report import markdown, rounds_plot
+    from chai_compile.plan.weights import write_weights
+
+    loaded = load_model(model, dtype=dtype, device=device)
+    res = plan_model(loaded, opts)
+    if not res.report["target_met"]:
+        raise ClusteringError(
+            f"--kv-target {kv_target} cannot be met within --max-ppl-increase {max_ppl_increase}: the best "
+            f"reachable is {100 * res.report['kv_cache_saving']:.1f}% KV saving",
+            fix="lower --kv-target or raise --max-ppl-increase")
+    with staged_output_dir(out_dir, overwrite=overwrite) as stage:
+        mapping = res.mapping
+        if res.weights:
+            mapping = dataclasses.replace(mapping, weights=write_weights(res.weights, stage / WEIGHTS_FILE))
+        mapping.write(stage / PLAN_FILE)
+        report = {"model": model, "summary": mapping.summary(), **res.report}
+        write_json(stage / "plan_report.json", report)
+        (stage / "plan_report.md").write_text(markdown(report))
+        rounds_plot(report, stage / "plan_rounds.png")
+    r = res.report
+    click.echo(f"K heads dropped: {r['k_heads_dropped']}/{r['k_heads_total']} "
+               f"(KV cache -{100 * r['kv_cache_saving']:.1f}%)")
+    for name, st in r["stages"].items():
+        click.echo(f"{name:>9}: calibration KL {st['kl']:.4f}, perplexity {st['ppl']:.3f} "
+                   f"(original {r['original']['ppl']:.3f})" + ("" if st.get("kept", True) else " -- not kept"))
+    click.echo(f"wrote {out_dir}/{PLAN_FILE}" + (f", {WEIGHTS_FILE}" if res.weights else "")
+               + f", plan_report.json, plan_report.md, plan_rounds.png ({r['total_s']:.0f} s)")

@@ -1,0 +1,124 @@
+"""CHAI attention with any head-to-head source map, for planning on calibration windows.
+
+Head h uses the attention probabilities of head source[h] (itself when source[h] == h) with its own V;
+the planner switches sources in place to measure what a candidate merge costs, without rebuilding the
+model. Calibration windows are unpadded and uncached, so the mask is plain causal.
+
+    P_h  = softmax(q_h k_{g(h)}^T * scale + causal)
+    out_h = P_{source[h]} v_{g(h)};   y = concat_h(out_h) W_o^T + b_o
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from chai_compile.adapters import ModelAdapter
+
+# Called with (module, x [B,T,hidden], position_embeddings, probs [B,H,T,T] before sharing, v [B,KV,T,d],
+# head outputs [B,T,H*d], y [B,T,hidden]).
+Capture = Callable[..., None]
+
+
+class SharedScoresAttention(nn.Module):
+    """Replacement attention module for planning; reads the family's original weights through the adapter."""
+
+    def __init__(self, adapter: ModelAdapter, layer: int) -> None:
+        super().__init__()
+        s = adapter.spec
+        self.adapter, self.layer = adapter, layer
+        self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
+        self.group = s.num_heads // s.num_kv_heads
+        self.scale = float(adapter.scaling())
+        self.source = list(range(s.num_heads))
+        # Views of the original weights, taken before the swap (the adapter then finds this module instead).
+        self.p = p = adapter.projections(layer)
+        self.q_scale = float(p.q_scale)
+        # Refit parameters (None: the original's). q_weight/q_bias are the full [H*d, hidden] projection.
+        self.q_weight: torch.Tensor | None = None
+        self.q_bias: torch.Tensor | None = None
+        self.o_weight: torch.Tensor | None = None
+        self.capture: Capture | None = None
+        self.original_forward = adapter.attention_forward()
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None,
+                                torch.Tensor, torch.Tensor | None]:
+        p = self.p
+        q_w = p.q_weight if self.q_weight is None else self.q_weight
+        q_b = p.q_bias if self.q_weight is None else self.q_bias
+        o_w = p.o_weight if self.o_weight is None else self.o_weight
+        return q_w, q_b, p.v_weight, p.v_bias, o_w, p.o_bias
+
+    def probabilities(self, x: torch.Tensor, position_embeddings: Any, q_weight: torch.Tensor | None = None,
+                      q_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [B, H, T, T] in fp32 for every head, v [B, KV, T, d]) for inputs x [B, T, hidden]."""
+        b, t, _ = x.shape
+        q_w, q_b, v_w, v_b, _, _ = self._weights()
+        if q_weight is not None:
+            q_w, q_b = q_weight, q_bias
+        p = self.p
+        h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = nn.functional.linear(x, q_w, q_b).view(b, t, h, d).transpose(1, 2) * self.q_scale
+        k = nn.functional.linear(x, p.k_weight, p.k_bias).view(b, t, kv, d).transpose(1, 2)
+        v = nn.functional.linear(x, v_w, v_b).view(b, t, kv, d).transpose(1, 2)
+        call = Positions(position_embeddings)
+        q, k = self.adapter.position(q, k, call)  # type: ignore[arg-type]
+        k = k.repeat_interleave(self.group, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, torch.finfo(torch.float32).min).softmax(-1), v
+
+    def head_outputs(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*d]: head h applies its source's probabilities to its own V."""
+        b, h, t, _ = probs.shape
+        src = torch.tensor(self.source, device=probs.device)
+        shared = probs.index_select(1, src).to(v.dtype)
+        out = torch.matmul(shared, v.repeat_interleave(self.group, dim=1))  # [B, H, T, d]
+        return out.transpose(1, 2).reshape(b, t, h * self.head_dim)
+
+    def original_output(self, x: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+        """The original attention's output on x: own probabilities, original Q and W_o."""
+        probs, v = self.probabilities(x, position_embeddings, self.p.q_weight, self.p.q_bias)
+        b, h, t, _ = probs.shape
+        out = torch.matmul(probs.to(v.dtype), v.repeat_interleave(self.group, dim=1))
+        return nn.functional.linear(out.transpose(1, 2).reshape(b, t, -1), self.p.o_weight, self.p.o_bias)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        call = self.adapter.call_inputs(args, kwargs)
+        x = call.hidden_states
+        probs, v = self.probabilities(x, call.position_embeddings)
+        heads = self.head_outputs(probs, v)
+        _, _, _, _, o_w, o_b = self._weights()
+        y = nn.functional.linear(heads, o_w, o_b)
+        if self.capture is not None:
+            self.capture(self, x, call.position_embeddings, probs, v, heads, y)
+        return y, None
+
+
+class Positions:
+    """The one field ModelAdapter.position reads."""
+
+    def __init__(self, position_embeddings: Any) -> None:
+        self.position_embeddings = position_embeddings
+
+
+@contextmanager
+def planning_modules(adapter: ModelAdapter) -> Iterator[list[SharedScoresAttention]]:
+    """Swap every attention module for a SharedScoresAttention; the originals come back on exit."""
+    layers = adapter.decoder_layers()
+    swaps = []
+    for i in range(adapter.spec.num_layers):
+        old = adapter.attention(i)
+        name = next(n for n, m in layers[i].named_children() if m is old)
+        swaps.append((layers[i], name, old, SharedScoresAttention(adapter, i)))
+    try:
+        for parent, name, _, new in swaps:
+            setattr(parent, name, new)
+        yield [new for _, _, _, new in swaps]
+    finally:
+        for parent, name, old, _ in swaps:
+            setattr(parent, name, old)
