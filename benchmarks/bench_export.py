@@ -21,10 +21,12 @@ from pathlib import Path
 VARIANTS = ("original", "portable", "fused")
 
 
-def run_export(model: str, mapping: str | None, out: Path, attention: str, dtype: str) -> dict:
+def run_export(model: str, mapping: str | None, out: Path, attention: str, dtype: str, kv_cache: str = "concat"
+               ) -> dict:
     """Run one export in a child process; return its wall time, its own peak RSS and its manifest."""
     cmd = [sys.executable, "-m", "chai_compile", "export", model, "--out", str(out), "--overwrite",
-           "--dtype", dtype, "--attention", attention] + (["--mapping", mapping] if mapping else ["--no-mapping"])
+           "--dtype", dtype, "--attention", attention, "--kv-cache", kv_cache] + \
+        (["--mapping", mapping] if mapping else ["--no-mapping"])
     log = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
     with log.open("w") as fh:

@@ -59,25 +59,27 @@ def llama7b_stack(layers: int, work: Path, dtype: str) -> list[Path]:
     return dirs
 
 
-def decode_times(dirs: list[Path], past: int, batch: int, iters: int, threads: int | None, provider: str
-                 ) -> list[list[float]]:
+def decode_times(dirs: list[Path], past: int, batch: int, iters: int, threads: int | None, provider: str,
+                 op_library: str = "auto") -> list[list[float]]:
+    """Per graph, `iters` decode-step times (s) at this past length and batch, the graphs taking turns.
+
+    In-place graphs get buffers of past + 1 rows (the step writes row `past`); concat graphs get past rows."""
     from chai_compile.export.ort_runner import OrtDecoder
 
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if provider == "cuda" else ["CPUExecutionProvider"]
     # No spinning: the two sessions take turns, and a spinning pool would steal the other's cores.
     spin = {"session.intra_op.allow_spinning": "0"}
-    decs = [OrtDecoder(d, providers=providers, threads=threads, config=spin) for d in dirs]
+    decs = [OrtDecoder(d, providers=providers, threads=threads, config=spin, op_library=op_library) for d in dirs]
     if provider == "cuda" and not all(d.use_cuda for d in decs):
         raise SystemExit("onnxruntime did not give the CUDA execution provider (is onnxruntime-gpu installed?)")
     rng = np.random.default_rng(0)
     feeds = []
     for dec in decs:
-        cache = []
-        for kh, vh in zip(dec.k_heads, dec.v_heads, strict=True):
-            for heads in (kh, vh):
-                a = rng.standard_normal((batch, heads, past, dec.head_dim), dtype=np.float32).astype(dec.float_type)
-                cache.append(dec.to_device(a) if dec.use_cuda else a)
-        feeds.append((np.full((batch, 1), 5), np.ones((batch, past + 1), np.int64), np.full((batch, 1), past), cache))
+        rows = past + 1 if dec.kv_cache == "inplace" else past
+        arrays = [rng.standard_normal((batch, heads, rows, dec.head_dim), dtype=np.float32).astype(dec.float_type)
+                  for kh, vh in zip(dec.k_heads, dec.v_heads, strict=True) for heads in (kh, vh)]
+        feeds.append((np.full((batch, 1), 5), np.ones((batch, past + 1), np.int64), np.full((batch, 1), past),
+                      dec.wrap_cache(arrays)))
     for dec, f in zip(decs, feeds, strict=True):  # warm-up (CUDA kernels, allocator arenas)
         for _ in range(5):
             dec.step(*f)

@@ -28,12 +28,13 @@ from chai_compile.errors import ChaiError, Terminated
 # name -> "module:attribute"; the order is the order of `--help`.
 COMMANDS = {
     "profile": "chai_compile.profile_cli:profile",
+    "plan": "chai_compile.plan.cli:plan",
     "inspect": "chai_compile.inspect_cli:inspect",
     "verify": "chai_compile.verify.cli:verify",
     "sweep": "chai_compile.verify.cli:sweep",
     "export": "chai_compile.export.cli:export",
     "verify-artifact": "chai_compile.export.cli:verify_artifact",
-    "plan": "chai_compile.plan.cli:plan",
+    "build-ort-ops": "chai_compile.export.cli:build_ort_ops",
     "genai-pack": "chai_compile.export.genai_pack:genai_pack",
 }
 DEBUG_ENV = "CHAI_COMPILE_DEBUG"  # set to 1 to see the traceback behind an unexpected error

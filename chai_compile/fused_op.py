@@ -10,6 +10,13 @@ module; plugins/tensorrt/README.md states the same contract in prose.
 
 Query row s sits at absolute position P+s and attends key j when attention_mask[b, j] == 1 and, with
 causal=1, j <= P+s. A row with no attended key outputs zeros.
+
+Two KV-cache contracts (attribute past_present_share_buffer):
+  0, concat:   past_* hold exactly the P past tokens; present_* = concat(past_*, new) [B, H*, P+S, d].
+  1, in place: past_* are preallocated buffers [B, H*, L, d] holding P = attention_mask.shape[1] - S valid
+               rows; present_* have the same shape and equal past_* with rows [P, P+S) replaced by the new
+               key/value (P+S <= L). Bound to one buffer (ONNX Runtime IO binding, as GroupQueryAttention's
+               past_present_share_buffer) a decode step writes only the new token's K and V.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("v_head_index", "ints"),
     ("scale", "float"),
     ("causal", "int"),
+    ("past_present_share_buffer", "int"),
 )
+KV_CACHE_MODES: tuple[str, ...] = ("concat", "inplace")  # past_present_share_buffer 0 / 1
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
 
 # Inputs and outputs, in order, with their shapes (B batch, C clusters, S new tokens, P past tokens).
@@ -49,14 +58,14 @@ INPUT_SHAPES: dict[str, str] = {
     "query": "[B, C, S, d]",
     "key": "[B, Hk, S, d]",
     "value": "[B, Hv, S, d]",
-    "past_key": "[B, Hk, P, d]",
-    "past_value": "[B, Hv, P, d]",
+    "past_key": "[B, Hk, P, d]",  # in place: [B, Hk, L, d]
+    "past_value": "[B, Hv, P, d]",  # in place: [B, Hv, L, d]
     "attention_mask": "[B, P+S]",
 }
 OUTPUT_SHAPES: dict[str, str] = {
     "output": "[B, S, H*d]",
-    "present_key": "[B, Hk, P+S, d]",
-    "present_value": "[B, Hv, P+S, d]",
+    "present_key": "[B, Hk, P+S, d]",  # in place: [B, Hk, L, d]
+    "present_value": "[B, Hv, P+S, d]",  # in place: [B, Hv, L, d]
 }
 # Float tensors share one type among these (the plugin's supportsFormatCombination enforces it).
 FLOAT_TYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
@@ -77,6 +86,7 @@ def node_attributes(
     head_dim: int,
     scale: float,
     causal: int = 1,
+    past_present_share_buffer: int = 0,
 ) -> dict[str, Any]:
     """The attribute dict of one node, in contract order, checked for consistency."""
     attrs: dict[str, Any] = {
@@ -92,6 +102,7 @@ def node_attributes(
         "v_head_index": [int(x) for x in v_head_index],
         "scale": float(scale),
         "causal": int(causal),
+        "past_present_share_buffer": int(past_present_share_buffer),
     }
     validate_attributes(attrs)
     return attrs
@@ -112,8 +123,9 @@ def validate_attributes(attrs: dict[str, Any]) -> None:
         raise ValueError(f"k_head_index must hold {c} indices in [0, num_k_heads), got {attrs['k_head_index']}")
     if len(attrs["v_head_index"]) != h or not all(0 <= v < int(attrs["num_v_heads"]) for v in attrs["v_head_index"]):
         raise ValueError(f"v_head_index must hold {h} indices in [0, num_v_heads), got {attrs['v_head_index']}")
-    if int(attrs["causal"]) not in (0, 1):
-        raise ValueError(f"causal must be 0 or 1, got {attrs['causal']}")
+    for flag in ("causal", "past_present_share_buffer"):
+        if int(attrs[flag]) not in (0, 1):
+            raise ValueError(f"{flag} must be 0 or 1, got {attrs[flag]}")
 
 
 def clustered_attention_reference(
@@ -127,33 +139,33 @@ def clustered_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 reference of the node: returns (output [B,S,H*d] float64, present_key, present_value).
 
-    present_* are the exact concatenations in the inputs' dtype. Materialises [B, C, S, P+S] scores:
-    keep shapes small.
+    present_* follow the attribute's cache contract (concatenation, or the buffer with the new rows written),
+    in the inputs' dtype. Materialises [B, C, S, P+S] scores: keep shapes small.
     """
     validate_attributes(attrs)
-    h = int(attrs["num_heads"])
-    offs = torch.tensor(attrs["cluster_offsets"], dtype=torch.int64)
-    k_idx = torch.tensor(attrs["k_head_index"], dtype=torch.int64, device=key.device)
-    v_idx = torch.tensor(attrs["v_head_index"], dtype=torch.int64, device=value.device)
-    present_key = torch.cat([past_key, key], dim=2)
-    present_value = torch.cat([past_value, value], dim=2)
-    b, _, s, d = query.shape
-    p = past_key.shape[2]
-    t = p + s
+    from chai_compile.kernels.reference import clustered_attention
 
-    q = query.to(torch.float64)
-    k = present_key.to(torch.float64).index_select(1, k_idx)  # [B, C, T, d]
-    scores = (q @ k.transpose(-1, -2)) * float(attrs["scale"])  # [B, C, S, T]
+    h = int(attrs["num_heads"])
+    b, _, s, d = query.shape
+    t = attention_mask.shape[1]
+    if int(attrs["past_present_share_buffer"]):
+        p = t - s
+        if p < 0 or t > past_key.shape[2]:
+            raise ValueError(f"attention_mask covers {t} tokens but the shared cache buffer holds {past_key.shape[2]}")
+        present_key, present_value = past_key.clone(), past_value.clone()
+        present_key[:, :, p:t] = key
+        present_value[:, :, p:t] = value
+    else:
+        p = past_key.shape[2]
+        present_key = torch.cat([past_key, key], dim=2)
+        present_value = torch.cat([past_value, value], dim=2)
     allowed = (attention_mask != 0).to(query.device)[:, None, None, :]  # [B, 1, 1, T]
     if int(attrs["causal"]):
         rows = torch.arange(s, device=query.device)[:, None] + p
         cols = torch.arange(t, device=query.device)[None, :]
         allowed = allowed & (cols <= rows)[None, None]
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no attended key -> zeros
-
-    cluster = torch.repeat_interleave(torch.arange(len(offs) - 1), offs[1:] - offs[:-1]).to(query.device)
-    v = present_value.to(torch.float64).index_select(1, v_idx)  # [B, H, T, d]
-    out = probs.index_select(1, cluster) @ v  # [B, H, S, d]
+    out = clustered_attention(query, present_key[:, :, :t], present_value[:, :, :t], allowed.expand(b, 1, s, t),
+                              attrs["cluster_offsets"], attrs["k_head_index"], attrs["v_head_index"],
+                              float(attrs["scale"]))  # [B, H, S, d]
     output = out.permute(0, 2, 1, 3).reshape(b, s, h * d)
     return output, present_key, present_value

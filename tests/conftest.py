@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,19 @@ def smollm2():
     from chai_compile.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def ort_ops_library():
+    """The compiled ClusteredAttention op library for ONNX Runtime: found, or built (CPU only) with CMake."""
+    from chai_compile.export import ort_ops
+
+    lib = ort_ops.find_library()
+    if lib is None:
+        if shutil.which("cmake") is None:
+            pytest.skip("cmake missing: cannot build the ONNX Runtime op library")
+        lib = ort_ops.build(cuda=False, log=lambda m: None)
+    return lib
 
 
 def pytest_collection_modifyitems(config, items):

@@ -125,6 +125,66 @@ def test_fused_graph_nodes_and_ort_parity(fused, stories):
     assert max(report["max_abs_diff_past0"], report["max_abs_diff_past"]) <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def inplace(stories, tmp_path_factory, ort_ops_library):
+    """Fused export with the in-place cache, validated on the compiled op. Layer 0 is dense: it becomes an
+    identity-clustered node (one head per cluster), since every layer must share its buffer."""
+    from chai_compile.export.cli import run_export
+
+    path = tmp_path_factory.mktemp("map") / "layer0_dense.json"
+    paired_mapping(stories.model, dense=(0,)).write(path)
+    out = tmp_path_factory.mktemp("exp") / "inplace"
+    man = run_export(str(STORIES), str(path), False, "onnx", "fused", "fp32", 23, str(out), False,
+                     log=lambda m: None, kv_cache="inplace")
+    return out, man
+
+
+def test_inplace_export_runs_on_the_compiled_op_with_shared_buffers(inplace, ort_ops_library):
+    from chai_compile.export.ort_runner import OrtDecoder
+
+    out, man = inplace
+    v = man["validation"]
+    assert man["kv_cache"] == "inplace" and v["passed"] and v["greedy_identical"], v
+    assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
+    import onnx
+
+    from chai_compile import fused_op
+
+    nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == fused_op.OP_TYPE]
+    assert len(nodes) == 5  # all layers, the dense one as H clusters of one head
+    first = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
+    assert first["num_clusters"] == first["num_heads"] and first["past_present_share_buffer"] == 1
+    dec = OrtDecoder(out)
+    assert dec.kv_cache == "inplace" and dec.fused_op_runner == str(ort_ops_library)
+    ids = np.array([[5, 9, 14, 3], [7, 7, 2, 11]])
+    mask, pos = np.ones_like(ids), np.broadcast_to(np.arange(4), (2, 4)).copy()
+    cache = dec.empty_cache(2, capacity=8)
+    logits, after = dec.step(ids, mask, pos, cache)
+    assert all(a is c for a, c in zip(after, cache, strict=True))  # the same buffers came back, written
+    assert np.abs(cache[0].numpy()[:, :, :4]).max() > 0 and not cache[0].numpy()[:, :, 4:].any()
+    # The Python reference op (a copy per step, no IO-bound aliasing) computes the same logits.
+    ref = OrtDecoder(out, op_library="python")
+    ref_logits, _ = ref.step(ids, mask, pos, ref.empty_cache(2, capacity=8))
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+
+
+def test_inplace_buffer_too_small_is_one_line(inplace):
+    from chai_compile.export.ort_runner import OrtDecoder
+
+    dec = OrtDecoder(inplace[0])
+    ids = np.array([[5, 9, 14, 3]])
+    with pytest.raises(ExportError) as info:
+        dec.step(ids, np.ones_like(ids), np.arange(4)[None], dec.empty_cache(1, capacity=2))
+    line = info.value.one_line()
+    assert "shared cache buffer holds 2 rows" in line and "\n" not in line
+
+
+def test_inplace_needs_the_fused_form(tmp_path, mapping_file):
+    with pytest.raises(ExportError, match="needs the fused form"):
+        _run(tmp_path, mapping_file, kv_cache="inplace")
+
+
 def test_ort_decoder_is_a_verify_backend(portable, stories):
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.verify.scoring import LogitsBackend

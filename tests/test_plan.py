@@ -152,5 +152,6 @@ def test_a_plan_with_weights_exports_and_verifies(planned, tmp_path):
     assert v["passed"] and v["greedy_identical"]
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
     assert (out / "plan.weights.safetensors").read_bytes() == (planned / "plan.weights.safetensors").read_bytes()
-    res = CliRunner().invoke(main, ["verify", str(out), "--tasks", "copa", "--limit", "5", "--out", str(tmp_path / "v")])
+    res = CliRunner().invoke(main, ["verify", str(out), "--tasks", "copa", "--limit", "5",
+                                    "--out", str(tmp_path / "v")])
     assert res.exit_code == 0, res.output

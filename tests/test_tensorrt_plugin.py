@@ -57,6 +57,8 @@ def _build(build_dir: Path, require_tensorrt: bool) -> None:
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DPython3_EXECUTABLE={sys.executable}",  # the interpreter that has kernel-lens (a venv's)
             f"-DCHAI_REQUIRE_TENSORRT={'ON' if require_tensorrt else 'OFF'}",
+            # CMake looks for kernel-lens with this Python, the one the tests found it in (not PATH's python3).
+            f"-DPython3_EXECUTABLE={sys.executable}",
         ],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
@@ -210,6 +212,8 @@ class ChaiClusteredAttentionParams(ctypes.Structure):
         ("batch", ctypes.c_int32),
         ("seq_len", ctypes.c_int32),
         ("past_len", ctypes.c_int32),
+        ("cache_len", ctypes.c_int32),
+        ("share_buffer", ctypes.c_int32),
         ("num_heads", ctypes.c_int32),
         ("num_clusters", ctypes.c_int32),
         ("num_k_heads", ctypes.c_int32),
@@ -259,19 +263,28 @@ def run_harness(
     tensors: dict[str, torch.Tensor],
     *,
     num_splits: int = 0,
+    share: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Calls chaiClusteredAttentionEnqueue on poisoned (NaN) outputs and returns them."""
+    """Calls chaiClusteredAttentionEnqueue on poisoned (NaN) outputs and returns them.
+
+    share: the in-place contract: past_key/past_value are buffers (rows >= mask length) and the present
+    pointers are the same buffers (copies of the inputs are written and returned)."""
     q, k, v = tensors["query"], tensors["key"], tensors["value"]
     pk, pv, mask = tensors["past_key"], tensors["past_value"], tensors["attention_mask"]
     b, _, s, d = q.shape
-    p = pk.shape[2]
+    p = mask.shape[1] - s if share else pk.shape[2]
     h = attrs["num_heads"]
     out = torch.full((b, s, h * d), float("nan"), dtype=q.dtype, device=q.device)
-    pres_k = torch.full((b, k.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
-    pres_v = torch.full((b, v.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
+    if share:
+        pk, pv = pk.clone(), pv.clone()
+        pres_k, pres_v = pk, pv
+    else:
+        pres_k = torch.full((b, k.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
+        pres_v = torch.full((b, v.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
 
     prm = ChaiClusteredAttentionParams()
     prm.batch, prm.seq_len, prm.past_len = b, s, p
+    prm.cache_len, prm.share_buffer = pk.shape[2], int(share)
     prm.num_heads, prm.num_clusters = h, attrs["num_clusters"]
     prm.num_k_heads, prm.num_v_heads, prm.head_dim = attrs["num_k_heads"], attrs["num_v_heads"], d
     prm.scale, prm.causal = attrs["scale"], attrs["causal"]
@@ -399,3 +412,24 @@ def test_invalid_tables_are_refused(harness: ctypes.CDLL) -> None:
     attrs["v_head_index"] = [0] * 7 + [99]
     with pytest.raises(AssertionError, match="returned 1"):
         run_harness(harness, attrs, tensors)
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", ["mha-decode", "gqa-decode", "gqa-prefill-past"])
+def test_in_place_contract_writes_only_new_rows(harness: ctypes.CDLL, shape: str) -> None:
+    """past_present_share_buffer: present is the past buffer; rows beyond past + new (NaN here) stay untouched
+    and unread, the new rows land at P, and the output matches the float64 reference."""
+    cfg = SHAPES[shape]
+    attrs, tensors = make_case(**cfg, dtype=torch.float16, seed=4)
+    attrs = {**attrs, "past_present_share_buffer": 1}
+    for name in ("past_key", "past_value"):
+        t = tensors[name]
+        spare = torch.full((t.shape[0], t.shape[1], cfg["s"] + 5, t.shape[3]), float("nan"), dtype=t.dtype,
+                           device=t.device)
+        tensors[name] = torch.cat([t, spare], dim=2)
+    out, buf_k, buf_v = run_harness(harness, attrs, tensors, share=True)
+    want, want_k, want_v = fused_op.clustered_attention_reference(**tensors, **attrs)
+    torch.testing.assert_close(buf_k, want_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(buf_v, want_v, atol=0, rtol=0, equal_nan=True)
+    assert buf_k[:, :, cfg["p"] + cfg["s"]:].isnan().all()
+    torch.testing.assert_close(out.double(), want, atol=_ATOL[out.dtype], rtol=_ATOL[out.dtype])

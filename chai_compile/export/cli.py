@@ -32,7 +32,8 @@ def _load(model: str, mapping: Any) -> tuple[Any, Any]:
 
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
-               opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print) -> dict[str, Any]:
+               opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print,
+               kv_cache: str = "concat") -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, runtime_files, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import claim_output_dir, write_json
@@ -51,6 +52,8 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
     onnx_export.check_opset(attention, opset)
     if no_mapping and attention == "fused":
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
+    if kv_cache == "inplace" and attention != "fused":
+        raise ExportError("the in-place KV cache needs the fused form", value=attention, fix="add --attention fused")
     with claim_output_dir(out, overwrite) as claim:  # locked and checked before loading anything
         from chai_compile.mapping import ClusterMapping
 
@@ -64,11 +67,11 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         if dtype == "fp16":
             source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
         meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
-                                               cache=cache)
+                                               cache=cache, kv_cache=kv_cache)
         with claim.stage() as stage:
             log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
             res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
-                                             in_place=True)
+                                             in_place=True, kv_cache=kv_cache)
             del source
             release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
             clean.check(res.path)
@@ -80,7 +83,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                     shutil.copyfile(weights, stage / mapping.weights.file)
             runtime_files.write_runtime_files(stage, side_files)
             if attention == "fused" and dtype != "fp32":
-                report = {"passed": None, "skipped": "the ORT reference op of the fused node is float32 only"}
+                report = {"passed": None, "skipped": "the fused node's ONNX Runtime CPU kernels are float32 only"}
             else:
                 report = validate.compare(reference, OrtDecoder(stage), tokenizer, dtype=dtype)
             log(f"validation: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
@@ -94,7 +97,8 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
             man = manifest.build_manifest(
                 stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
                 opset=opset, external_data=res.external_data, cache=res.cache.to_dict(),
-                runtime_files=sorted(side_files), export_s=round(res.export_s, 2), stats=stats, validation=report,
+                runtime_files=sorted(side_files), export_s=round(res.export_s, 2), kv_cache=kv_cache, stats=stats,
+                validation=report,
                 mapping=mapping.summary() if mapping else None,
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             man = manifest.seal(man)
@@ -144,11 +148,13 @@ def _build_engine(res: Any, stage: Path, dtype: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=GREEDY_STEPS, show_default=True,
               help="Greedy steps compared.")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["concat", "inplace"]), default="concat", show_default=True,
+              help="inplace: past and present share one preallocated buffer per layer (needs --attention fused).")
 def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str, opset: int,
-           out: str, overwrite: bool, steps: int) -> None:
+           out: str, overwrite: bool, steps: int, kv_cache: str) -> None:
     """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
     man = run_export(model, mapping_path, no_mapping, fmt, attention, dtype, opset, out, overwrite, steps,
-                     log=lambda m: click.echo(m, err=True))
+                     log=lambda m: click.echo(m, err=True), kv_cache=kv_cache)
     s = man["stats"]
     click.echo(f"wrote {out}: {s['nodes']} nodes, weights {s['weight_bytes'] / 1e6:.2f} MB, "
                f"files {s['file_bytes'] / 1e6:.2f} MB, export {man['export_s']} s, validation passed")
@@ -256,3 +262,13 @@ def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str |
             result["passed"] = result["passed"] and tasks_out[name]["equal"]
         result["tasks"] = tasks_out
     return result
+
+
+@click.command("build-ort-ops")
+@click.option("--cuda/--no-cuda", default=None, help="Build the CUDA kernel too (default: when nvcc is found).")
+def build_ort_ops(cuda: bool | None) -> None:
+    """Build the ClusteredAttention op library for ONNX Runtime (plugins/onnxruntime) with CMake."""
+    from chai_compile.export import ort_ops
+
+    lib = ort_ops.build(cuda=cuda, log=lambda m: click.echo(m, err=True))
+    click.echo(f"built {lib} (ONNX Runtime C API version {ort_ops.api_version(lib)})")

@@ -3,8 +3,9 @@
 Path: a torch.library custom op `chai::clustered_attention` stands for the attention core in a variant
 of the clustered forward; torch.onnx.export's custom_translation_table turns each call into a node in
 domain ai.onnx.contrib with the contract's attributes (op_type = TensorRT plugin name, plus
-`plugin_namespace`). ONNX Runtime runs the node through an onnxruntime-extensions Python op that calls
-the contract's reference, so the fused graph is verified by the same decode loop as the portable one.
+`plugin_namespace`). ONNX Runtime runs the node through the compiled op library (plugins/onnxruntime, see
+ort_ops) or, without it, an onnxruntime-extensions Python op that calls the contract's reference; either way
+the fused graph is verified by the same decode loop as the portable one.
 
 Heads are permuted at export so clusters are contiguous ranges (the contract); W_o's input columns are
 permuted the same way, which is exact, so no un-permute op is left in the graph.
@@ -33,12 +34,13 @@ def clustered_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
     attention_mask: torch.Tensor, num_heads: int, cluster_offsets: list[int], k_head_index: list[int],
     v_head_index: list[int], num_k_heads: int, num_v_heads: int, head_dim: int, scale: float, causal: int,
+    past_present_share_buffer: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager implementation: the contract's float64 reference, cast back to the query dtype."""
     attrs = fused_op.node_attributes(
         num_heads=num_heads, cluster_offsets=cluster_offsets, k_head_index=k_head_index,
         v_head_index=v_head_index, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_dim=head_dim,
-        scale=scale, causal=causal)
+        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer)
     out, pk, pv = fused_op.clustered_attention_reference(query, key, value, past_key, past_value, attention_mask,
                                                          **attrs)
     return out.to(query.dtype), pk.clone(), pv.clone()
@@ -46,14 +48,16 @@ def clustered_attention(
 
 @clustered_attention.register_fake
 def _(query, key, value, past_key, past_value, attention_mask, num_heads, cluster_offsets, k_head_index,
-      v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal):
+      v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer):
     b, _, s, d = query.shape
+    if past_present_share_buffer:  # present_* are the buffers' shapes
+        return query.new_empty(b, s, num_heads * d), torch.empty_like(past_key), torch.empty_like(past_value)
     return (query.new_empty(b, s, num_heads * d), torch.cat([past_key, key], dim=2),
             torch.cat([past_value, value], dim=2))
 
 
 def _translate(query, key, value, past_key, past_value, attention_mask, num_heads, cluster_offsets, k_head_index,
-               v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal):
+               v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer):
     """onnxscript translation: one node of the contract (attributes checked by fused_op.node_attributes)."""
     from onnxscript import values
 
@@ -61,7 +65,7 @@ def _translate(query, key, value, past_key, past_value, attention_mask, num_head
     attrs = fused_op.node_attributes(
         num_heads=num_heads, cluster_offsets=list(cluster_offsets), k_head_index=list(k_head_index),
         v_head_index=list(v_head_index), num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_dim=head_dim,
-        scale=scale, causal=causal)
+        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer)
     # values.Op, not getattr(contrib, ...): the domain has no registered onnx schema to look up.
     node = values.Op(contrib, fused_op.OP_TYPE, _op_schema())
     return node(query, key, value, past_key, past_value, attention_mask, **attrs)
@@ -101,6 +105,7 @@ class FusedClusteredAttention(ClusteredAttention):
     """ClusteredAttention whose static core is the custom op (set by `prepare_fused` via __class__)."""
 
     chai_mask: _MaskHolder
+    chai_share_buffer: int = 0  # 1: the in-place cache contract (fused_op)
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = self.adapter.call_inputs(args, kwargs)
@@ -116,14 +121,42 @@ class FusedClusteredAttention(ClusteredAttention):
         out, layer.keys, layer.values = torch.ops.chai.clustered_attention(
             q, k, v, layer.keys, layer.values, self.chai_mask.mask, self.num_heads, list(lay.cluster_offsets),
             list(lay.k_of_cluster), list(lay.v_head_index), self.num_kept, self.num_kv_heads, self.head_dim,
-            float(self.scale), 1)
+            float(self.scale), 1, self.chai_share_buffer)
         return self.o_proj(out), None
 
 
-def prepare_fused(wrapper: nn.Module, copy: bool = True) -> tuple[nn.Module, dict[Any, Any]]:
-    """The DecoderWrapper (a copy, or itself) with clustered layers running the custom op; plus the table."""
+def _fuse_dense_layers(model: nn.Module) -> None:
+    """Swap each dense layer's attention for a ClusteredAttention of one head per cluster (the identity
+    mapping: same outputs to float rounding, same K cache heads), so that it too exports as a node."""
+    from chai_compile.adapters import adapter_for
+    from chai_compile.mapping import LayerMapping
+
+    ad = adapter_for(model)
+    layers = ad.decoder_layers()
+    for i in range(ad.spec.num_layers):
+        old = ad.attention(i)
+        if isinstance(old, ClusteredAttention):
+            continue
+        new = ClusteredAttention(ad, i, LayerMapping(i, "dense"), membership="static")
+        name = next(n for n, m in layers[i].named_children() if m is old)
+        setattr(layers[i], name, new)
+
+
+def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = "concat") -> tuple[nn.Module, dict[Any, Any]]:
+    """The DecoderWrapper (a copy, or itself) with clustered layers running the custom op; plus the table.
+
+    kv_cache="inplace" gives every node the shared-buffer contract, so every layer must be a node: dense
+    layers become identity-clustered ones first (one head per cluster: the same function, _fuse_dense_layers).
+    """
+    from chai_compile.errors import ExportError
+
+    if kv_cache not in fused_op.KV_CACHE_MODES:
+        raise ExportError(f"--kv-cache must be one of {', '.join(fused_op.KV_CACHE_MODES)}", value=kv_cache)
     if copy:
         wrapper = deepcopy(wrapper)
+    if kv_cache == "inplace":
+        _fuse_dense_layers(wrapper.model)
+        wrapper.inplace_cache = True
     holder = _MaskHolder()
     wrapper.before_call = holder
     found = False
@@ -135,6 +168,7 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True) -> tuple[nn.Module, dic
                 raise ExportError("the fused form needs static membership", value=mod.membership)
             mod.__class__ = FusedClusteredAttention
             mod.chai_mask = holder
+            mod.chai_share_buffer = int(kv_cache == "inplace")
             h, d = mod.num_heads, mod.head_dim
             w = mod.o_proj.weight.detach()
             perm = torch.tensor(mod.layout.permutation)
@@ -142,8 +176,6 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True) -> tuple[nn.Module, dic
             mod.o_proj = _linear(permuted, mod.o_proj.bias)
             found = True
     if not found:
-        from chai_compile.errors import ExportError
-
         raise ExportError("the fused form needs a CHAI-rewritten model (no clustered layer found)",
                           fix="pass --mapping, or use --attention portable")
     return wrapper, {torch.ops.chai.clustered_attention.default: _translate}
@@ -160,7 +192,7 @@ def register_ort_op() -> None:
 
     f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
     attrs = {"num_heads": i64, "num_k_heads": i64, "num_v_heads": i64, "head_dim": i64, "causal": i64,
-             "scale": PyCustomOpDef.dt_float}
+             "past_present_share_buffer": i64, "scale": PyCustomOpDef.dt_float}
     attrs.update({n + _STR_SUFFIX: PyCustomOpDef.dt_string for n in _LIST_ATTRS})
 
     @onnx_op(op_type=fused_op.OP_TYPE, domain=fused_op.DOMAIN, inputs=[f, f, f, f, f, i32], outputs=[f, f, f],
@@ -170,7 +202,8 @@ def register_ort_op() -> None:
         t = [torch.from_numpy(np.asarray(a)) for a in (query, key, value, past_key, past_value, attention_mask)]
         out, pk, pv = clustered_attention(*t, kw["num_heads"], lists["cluster_offsets"], lists["k_head_index"],
                                           lists["v_head_index"], kw["num_k_heads"], kw["num_v_heads"],
-                                          kw["head_dim"], kw["scale"], kw["causal"])
+                                          kw["head_dim"], kw["scale"], kw["causal"],
+                                          kw.get("past_present_share_buffer", 0))
         return out.numpy(), pk.numpy(), pv.numpy()
 
 

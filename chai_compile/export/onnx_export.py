@@ -108,6 +108,9 @@ class DecoderWrapper(nn.Module):
         self.model = model
         self.num_layers = num_layers
         self.before_call: Any = None  # fused export hands the 2D mask to its attention modules here
+        # In-place cache (every layer fused): the past tensors are buffers longer than the mask, so the model
+        # gets no mask to build a 4D one from; the fused nodes read the 2D mask from before_call.
+        self.inplace_cache = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,8 +121,8 @@ class DecoderWrapper(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         if self.before_call is not None:
             self.before_call(attention_mask)
-        out = model_forward(self.model, cache, input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids)
+        out = model_forward(self.model, cache, input_ids=input_ids,
+                            attention_mask=None if self.inplace_cache else attention_mask, position_ids=position_ids)
         return (out.logits, *[t for layer in output_cache(out).layers for t in (layer.keys, layer.values)])
 
 
@@ -203,12 +206,14 @@ def transposed_linears(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, child)
 
 
-def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4
-                  ) -> tuple[torch.Tensor, ...]:
-    """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1."""
+def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4,
+                  mask_len: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1.
+
+    mask_len: the mask's length when it is not past + seq (in-place cache: past is the buffer length)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
-    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    mask = torch.ones(batch, past + seq if mask_len is None else mask_len, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     kv = [torch.randn(t.shape, generator=g).to(dtype) for t in spec.empty(batch, past, dtype)]
     return (ids, mask, pos, *kv)
@@ -244,13 +249,15 @@ def export_decoder(
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
     in_place: bool = False,
+    kv_cache: str = "concat",
 ) -> ExportResult:
     """Export `model` (already rewritten, or original) into out_dir/model.onnx + model.onnx.data.
 
     attention="fused" replaces every clustered layer's attention core by one ClusteredAttention node
     (see chai_compile.export.fused) on a copy of the model, or on the model itself with in_place=True
     (saves one copy of the weights when the caller is done with the model; its parameters are emptied
-    once written, so that nothing the exporter keeps alive holds them).
+    once written, so that nothing the exporter keeps alive holds them). kv_cache="inplace" (fused only): the
+    past/present tensors are one preallocated buffer per layer (fused_op's past_present_share_buffer).
 
     Weights always go to the external data file, whatever the model's size: the writer streams one
     tensor at a time instead of building a second in-memory copy of the model as one protobuf, ONNX
@@ -265,9 +272,13 @@ def export_decoder(
     if attention == "fused":
         from chai_compile.export.fused import prepare_fused
 
-        wrapper, fused_table = prepare_fused(wrapper, copy=not in_place)
+        wrapper, fused_table = prepare_fused(wrapper, copy=not in_place, kv_cache=kv_cache)
         table.update(fused_table)
-    inputs = sample_inputs(spec, model.config.vocab_size, model_dtype(model))
+    elif kv_cache != "concat":
+        raise ExportError("the in-place KV cache needs the fused form", value=kv_cache, fix="add --attention fused")
+    # In place, the buffer (9 rows) outlives the mask (2 past + 3 new): distinct sizes keep the two dims apart.
+    inputs = sample_inputs(spec, model.config.vocab_size, model_dtype(model),
+                           **({"past": 9, "mask_len": 5} if kv_cache == "inplace" else {}))
     in_names = [*INPUT_NAMES, *past_names(spec.num_layers)]
     out_names = ["logits", *present_names(spec.num_layers)]
     t0 = time.perf_counter()
@@ -303,7 +314,7 @@ def export_decoder(
 
 
 def provenance_metadata(mapping: ClusterMapping | None, *, source: str, attention: str, dtype: str, opset: int,
-                        cache: CacheSpec | None = None) -> dict[str, str]:
+                        cache: CacheSpec | None = None, kv_cache: str = "concat") -> dict[str, str]:
     """metadata_props of the graph: the mapping (as its JSON) and where the graph came from."""
     from chai_compile import __version__
 
@@ -313,6 +324,7 @@ def provenance_metadata(mapping: ClusterMapping | None, *, source: str, attentio
         "chai.attention": attention if mapping is not None else "original",
         "chai.dtype": dtype,
         "chai.opset": str(opset),
+        "chai.kv_cache": kv_cache,  # the runner reads it: "inplace" graphs are driven with shared buffers
         "torch.version": torch.__version__,
     }
     if mapping is not None:

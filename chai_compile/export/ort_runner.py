@@ -1,5 +1,10 @@
 """ONNX Runtime wrapper for an exported decoder: one step, greedy generation with the cache, and a
-LogitsBackend for the verify harness. CUDA EP + IO binding when onnxruntime-gpu offers CUDA."""
+LogitsBackend for the verify harness. CUDA EP + IO binding when onnxruntime-gpu offers CUDA.
+
+Fused graphs run their ClusteredAttention nodes through the compiled op library when one is found
+(chai_compile.export.ort_ops), else through the onnxruntime-extensions Python reference op. Graphs exported
+with the in-place cache (metadata chai.kv_cache = inplace) are driven with one preallocated buffer per
+cache tensor, bound by IO binding as both the past input and the present output of every step."""
 
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ from chai_compile.errors import ExportError
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-def _session(path: Path, providers: list[str] | None, threads: int | None, config: dict[str, str] | None) -> Any:
+def _session(path: Path, providers: list[str] | None, threads: int | None, config: dict[str, str] | None,
+             op_library: str) -> tuple[Any, str]:
+    """(session, what runs the fused nodes: the library path, "python-reference", or "" for no fused node).
+
+    op_library: "auto" (compiled if found, else the Python op), "compiled" (OrtOpsError when missing) or
+    "python" (the reference op)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -27,15 +37,24 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
     model_arg: Any = str(path)
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    if any(n.domain == fused_op.DOMAIN for n in proto.graph.node):
-        # The fused graph: its ClusteredAttention nodes run through the onnxruntime-extensions Python op.
-        from chai_compile.export.fused import ort_ready_model
+    from chai_compile.export import ort_ops
 
-        opts.register_custom_ops_library(_extensions_library())
-        model_arg = ort_ready_model(proto)
-        # Loaded from bytes, the graph's external data is found relative to this folder.
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    proto = onnx.load(str(path), load_external_data=False)
+    runs_fused = ""
+    if any(n.domain == fused_op.DOMAIN for n in proto.graph.node):
+        lib = None if op_library == "python" else \
+            (ort_ops.require_library() if op_library == "compiled" else ort_ops.find_library())
+        if lib is not None:
+            ort_ops.register(opts, lib)
+            runs_fused = str(lib)
+        else:  # the onnxruntime-extensions Python op (reads list attributes as JSON strings)
+            from chai_compile.export.fused import ort_ready_model
+
+            opts.register_custom_ops_library(_extensions_library())
+            model_arg = ort_ready_model(proto)
+            # Loaded from bytes, the graph's external data is found relative to this folder.
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            runs_fused = "python-reference"
     if providers is None:
         avail = ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail \
@@ -46,15 +65,23 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
         # fp32 graphs stay fp32 on the GPU: TF32 matmuls would move logits by ~1e-2, past any parity check.
         providers = [("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
                      for p in providers]
-    return ort.InferenceSession(model_arg, opts, providers=providers)
+    try:
+        return ort.InferenceSession(model_arg, opts, providers=providers), runs_fused
+    except Exception as e:
+        err = ort_ops.run_error(e)  # the op's one line (bad attributes), not ONNX Runtime's stack
+        if err is None:
+            raise
+        raise err from None
 
 
 def _extensions_library() -> str:
     try:
         import onnxruntime_extensions
     except ImportError:
-        raise ExportError("the fused graph needs onnxruntime-extensions to run in ONNX Runtime",
-                          fix="pip install onnxruntime-extensions") from None
+        from chai_compile.export.ort_ops import build_command
+
+        raise ExportError("the fused graph needs the compiled op library or onnxruntime-extensions",
+                          fix=f"{build_command()}; or pip install onnxruntime-extensions") from None
     from chai_compile.export import fused
 
     fused.register_ort_op()
@@ -65,12 +92,12 @@ class OrtDecoder:
     """An exported decoder directory (model.onnx [+ data], manifest.json) in ONNX Runtime."""
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 config: dict[str, str] | None = None) -> None:
+                 config: dict[str, str] | None = None, op_library: str = "auto") -> None:
         path = Path(path)
         self.path = path / "model.onnx" if path.is_dir() else path
         if not self.path.is_file():
             raise ExportError("no exported graph found", value=str(path), fix="pass an export directory")
-        self.session = _session(self.path, providers, threads, config)
+        self.session, self.fused_op_runner = _session(self.path, providers, threads, config, op_library)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_inputs = [n for n in self.inputs if n.startswith("past_key_values.")]
@@ -85,50 +112,83 @@ class OrtDecoder:
                                                       for i in range(self.num_layers)]
         self.float_type = _NP[self.inputs[self.past_inputs[0]].type]
         self.use_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
+        self.kv_cache = meta.get("chai.kv_cache", "concat")
+        self._bound: tuple[list[Any], Any] | None = None  # in place: the buffers last bound, and that binding
         self.name = "onnxruntime"
         self.max_length = 2048
 
-    def empty_cache(self, batch: int) -> list[Any]:
-        """Zero-length past tensors: numpy on CPU, OrtValues on the device under CUDA."""
+    def empty_cache(self, batch: int, capacity: int = 512) -> list[Any]:
+        """The cache before the first step. Concat: zero-length past tensors (numpy on CPU, OrtValues under
+        CUDA). In place: zeroed buffers of `capacity` token rows (OrtValues), written by every step."""
+        rows = capacity if self.kv_cache == "inplace" else 0
         out = []
         for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
-            out += [np.zeros((batch, kh, 0, self.head_dim), self.float_type),
-                    np.zeros((batch, vh, 0, self.head_dim), self.float_type)]
-        return [self.to_device(a) for a in out] if self.use_cuda else out
+            out += [np.zeros((batch, kh, rows, self.head_dim), self.float_type),
+                    np.zeros((batch, vh, rows, self.head_dim), self.float_type)]
+        return self.wrap_cache(out)
+
+    def wrap_cache(self, arrays: list[np.ndarray]) -> list[Any]:
+        """Cache arrays in the form step() takes (in place: buffers whose row count is the capacity)."""
+        if self.kv_cache == "inplace" or self.use_cuda:
+            return [self.to_device(a) for a in arrays]
+        return arrays
 
     def to_device(self, array: np.ndarray) -> Any:
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+        if self.use_cuda:
+            return ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[Any]) -> tuple[np.ndarray, list[Any]]:
         """One forward: logits [B, S, V] (numpy) and the present cache (numpy, or OrtValues on CUDA)."""
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  "position_ids": position_ids.astype(np.int64)}
-        if self.use_cuda:
-            return self._step_cuda(feeds, past)
-        feeds.update(zip(self.past_inputs, past, strict=True))
-        outs = self.session.run(self.output_names, feeds)
-        return outs[0], outs[1:]
+        try:
+            if self.use_cuda or self.kv_cache == "inplace":
+                return self._step_bound(feeds, past)
+            feeds.update(zip(self.past_inputs, past, strict=True))
+            outs = self.session.run(self.output_names, feeds)
+            return outs[0], outs[1:]
+        except Exception as e:
+            from chai_compile.export.ort_ops import run_error
 
-    def _step_cuda(self, feeds: dict[str, np.ndarray], past: list[Any]) -> tuple[np.ndarray, list[Any]]:
-        # IO binding: the cache stays on the device from step to step (present -> next past) and only the
-        # logits come back to the host; small int inputs are copied in.
-        binding = self.session.io_binding()
+            err = run_error(e)  # a fused node's one-line complaint (cache shapes vs attributes)
+            if err is None:
+                raise
+            raise err from None
+
+    def _step_bound(self, feeds: dict[str, np.ndarray], past: list[Any]) -> tuple[np.ndarray, list[Any]]:
+        # IO binding: the cache stays where it is from step to step and only the logits come back to the
+        # host; small int inputs are copied in. Concat (CUDA): present -> next past. In place: each buffer
+        # is bound as its layer's past input and present output, so a step writes only the new rows.
+        inplace = self.kv_cache == "inplace"
+        if inplace and self._bound is not None and len(self._bound[0]) == len(past) and \
+                all(a is b for a, b in zip(self._bound[0], past, strict=True)):
+            binding = self._bound[1]  # same buffers as the last step: only the token inputs change
+        else:
+            binding = self.session.io_binding()
+            for name, value in zip(self.past_inputs, past, strict=True):
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() follows binding order
+            for name, value in zip(self.output_names[1:], past, strict=True):
+                if inplace:
+                    binding.bind_ortvalue_output(name, value)
+                else:
+                    binding.bind_output(name, "cuda")
+            self._bound = (list(past), binding) if inplace else None
         for k, v in feeds.items():
             binding.bind_cpu_input(k, v)
-        for name, value in zip(self.past_inputs, past, strict=True):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
+        # Bound afresh every step (same slot, by name): a reused binding keeps the last logits, whose shape
+        # changes with the prompt.
         binding.bind_output(self.output_names[0], "cpu")
-        for name in self.output_names[1:]:
-            binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return outs[0].numpy(), list(outs[1:])
+        return outs[0].numpy(), list(past) if inplace else list(outs[1:])
 
     def greedy(self, input_ids: np.ndarray, steps: int, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Greedy decode `steps` new tokens with the cache; returns [B, steps] token ids."""
@@ -136,7 +196,7 @@ class OrtDecoder:
         b, s = ids.shape
         mask = np.ones((b, s), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        past = self.empty_cache(b)
+        past = self.empty_cache(b, capacity=s + steps)
         new = []
         logits, past = self.step(ids, mask, pos, past)
         for _ in range(steps):
@@ -154,5 +214,5 @@ class OrtDecoder:
         ids = input_ids.numpy()
         mask = attention_mask.numpy()
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        out, _ = self.step(ids, mask, pos, self.empty_cache(ids.shape[0]))
+        out, _ = self.step(ids, mask, pos, self.empty_cache(ids.shape[0], capacity=ids.shape[1]))
         return out[:, first:].astype(np.float32)

@@ -43,6 +43,33 @@ def _attend(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(probs, nan=0.0)
 
 
+def clustered_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    cluster_offsets: torch.Tensor,
+    k_head_index: torch.Tensor,
+    v_head_index: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The math every clustered form is tested against, in float64.
+
+    q [B, C, S, d], k [B, Hk, T, d], v [B, Hv, T, d], allowed bool [B, 1, S, T] (query row s may attend key t)
+    -> [B, H, S, d] float64. Rows with no allowed key give zeros; keys no row attends may hold anything
+    (NaN padding): they are kept out of the products.
+    """
+    dev = q.device
+    cl = cluster_of_head(torch.as_tensor(cluster_offsets).to(dev))
+    used = allowed.any(dim=-2)[..., None]  # [B, 1, T, 1]
+    kk = k.to(torch.float64).index_select(1, torch.as_tensor(k_head_index).to(dev, torch.int64))
+    vv = v.to(torch.float64).index_select(1, torch.as_tensor(v_head_index).to(dev, torch.int64))
+    kk, vv = kk.masked_fill(~used, 0.0), vv.masked_fill(~used, 0.0)
+    scores = torch.einsum("bcsd,bctd->bcst", q.to(torch.float64), kk) * scale
+    probs = _attend(scores, allowed)
+    return torch.einsum("bhst,bhtd->bhsd", probs.index_select(1, cl), vv)
+
+
 def clustered_decode_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -62,18 +89,10 @@ def clustered_decode_reference(
     span: optional int [B, 2] (start, end); with it a key t is attended iff t < lengths[b] and
     (t < sinks or start <= t < end).
     """
-    dev = q.device
-    cl = cluster_of_head(cluster_offsets.to(dev))
-    k = k_cache.to(torch.float64).index_select(1, k_head_index.to(dev, torch.int64))  # [B, C, T, d]
-    v = v_cache.to(torch.float64).index_select(1, v_head_index.to(dev, torch.int64))  # [B, H, T, d]
-    mask = _key_mask(lengths, k.shape[2], span, sinks, dev)[:, None, :]
-    # Keys that are not attended may hold anything (NaN padding): keep them out of the products.
-    k = k.masked_fill(~mask[..., None], 0.0)
-    v = v.masked_fill(~mask[..., None], 0.0)
-    scores = torch.einsum("bcd,bctd->bct", q.to(torch.float64), k) * scale
-    probs = _attend(scores, mask)  # [B, C, T]
-    out = torch.einsum("bht,bhtd->bhd", probs.index_select(1, cl), v)
-    return out.to(out_dtype or q.dtype)
+    allowed = _key_mask(lengths, k_cache.shape[2], span, sinks, q.device)[:, None, None, :]
+    out = clustered_attention(q[:, :, None], k_cache, v_cache, allowed, cluster_offsets, k_head_index, v_head_index,
+                              scale)
+    return out[:, :, 0].to(out_dtype or q.dtype)
 
 
 def clustered_prefill_reference(
@@ -89,15 +108,9 @@ def clustered_prefill_reference(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """q [B, C, S, d], k [B, Hk, S, d], v [B, Hv, S, d] -> [B, H, S, d]."""
-    dev = q.device
-    cl = cluster_of_head(cluster_offsets.to(dev))
-    kk = k.to(torch.float64).index_select(1, k_head_index.to(dev, torch.int64))
-    vv = v.to(torch.float64).index_select(1, v_head_index.to(dev, torch.int64))
-    scores = torch.einsum("bcsd,bctd->bcst", q.to(torch.float64), kk) * scale
-    s_len, t_len = scores.shape[-2:]
-    mask = torch.ones(s_len, t_len, dtype=torch.bool, device=dev)
+    s_len, t_len = q.shape[2], k.shape[2]
+    allowed = torch.ones(s_len, t_len, dtype=torch.bool, device=q.device)
     if causal:
-        mask = torch.tril(mask)
-    probs = _attend(scores, mask)
-    out = torch.einsum("bhst,bhtd->bhsd", probs.index_select(1, cl), vv)
+        allowed = torch.tril(allowed)
+    out = clustered_attention(q, k, v, allowed[None, None], cluster_offsets, k_head_index, v_head_index, scale)
     return out.to(out_dtype or q.dtype)

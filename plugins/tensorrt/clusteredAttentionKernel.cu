@@ -2,7 +2,8 @@
 // See clusteredAttentionKernel.h for the semantics and the argument layout.
 //
 // Plan of one call:
-//   1. present_key/present_value = concat(past, new) with two strided copies each (cudaMemcpy2DAsync).
+//   1. present_key/present_value = concat(past, new) with two strided copies each (cudaMemcpy2DAsync); with
+//      share_buffer only the S new rows are written (and past rows copied only when the buffers differ).
 //   2. One block per (batch, cluster, query row, split): the cluster's single query against its single
 //      K head, an online softmax over 64-key chunks in fp32, and P.V for every head of the cluster
 //      (each with its own V head). K is read once per cluster, V once per head: the CHAI byte floor.
@@ -108,6 +109,11 @@ __device__ __forceinline__ float warpSum(float v)
     return v;
 }
 
+__host__ __device__ __forceinline__ size_t cacheRows(ChaiClusteredAttentionParams const& p)
+{
+    return p.share_buffer ? static_cast<size_t>(p.cache_len) : static_cast<size_t>(p.past_len + p.seq_len);
+}
+
 // Workspace layout for splits > 1: [rows*splits][2] (max, sum) then [rows*splits][gmax*d] accumulators.
 struct SplitScratch
 {
@@ -131,6 +137,7 @@ __global__ void __launch_bounds__(kThreads)
     int const S = p.seq_len;
     int const C = p.num_clusters;
     int const T_ = p.past_len + S;
+    size_t const Tc = cacheRows(p); // row pitch of present_* (T_ with the concat contract)
     int const row = blockIdx.x; // ((b*C + c)*S + s)
     int const s = row % S;
     int const c = (row / S) % C;
@@ -160,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     T const* K = static_cast<T const*>(p.present_key)
-        + static_cast<size_t>(b * p.num_k_heads + p.k_head_index[c]) * T_ * d;
+        + static_cast<size_t>(b * p.num_k_heads + p.k_head_index[c]) * Tc * d;
     T const* Vbase = static_cast<T const*>(p.present_value);
     M const* mask = static_cast<M const*>(p.attention_mask) + static_cast<size_t>(b) * T_;
 
@@ -219,7 +226,7 @@ __global__ void __launch_bounds__(kThreads)
         {
             int const hi = e / d;
             int const dd = e - hi * d;
-            T const* v = Vbase + (static_cast<size_t>(b * p.num_v_heads + p.v_head_index[h0 + hi]) * T_ + t) * d + dd;
+            T const* v = Vbase + (static_cast<size_t>(b * p.num_v_heads + p.v_head_index[h0 + hi]) * Tc + t) * d + dd;
             float a[VEC];
 #pragma unroll
             for (int x = 0; x < VEC; ++x)
@@ -336,22 +343,22 @@ bool validTables(ChaiClusteredAttentionParams const& p)
     return true;
 }
 
-// present[b, h] = [past[b, h] ; cur[b, h]]: rows of (P+S)*d elements, one row per (b, h).
-cudaError_t concatCache(void* present, void const* past, void const* cur, int rowsBH, int P, int S, size_t rowElems,
-    size_t elt, cudaStream_t stream)
+// present[b, h] = past[b, h] (all pastRows rows; skipped when they are the same buffer), then rows [P, P+S) =
+// cur[b, h]. Row counts: past pastRows, present presentRows (concat: P and P+S; shared: cache_len both).
+cudaError_t writeCache(void* present, void const* past, void const* cur, int rowsBH, int P, int S, size_t pastRows,
+    size_t presentRows, size_t rowElems, size_t elt, cudaStream_t stream)
 {
-    size_t const pastBytes = static_cast<size_t>(P) * rowElems * elt;
-    size_t const curBytes = static_cast<size_t>(S) * rowElems * elt;
-    size_t const pitch = pastBytes + curBytes;
-    if (pastBytes > 0)
+    size_t const rowBytes = rowElems * elt;
+    size_t const pitch = presentRows * rowBytes;
+    if (pastRows > 0 && present != past)
     {
-        cudaError_t const err = cudaMemcpy2DAsync(present, pitch, past, pastBytes, pastBytes, rowsBH,
+        cudaError_t const err = cudaMemcpy2DAsync(present, pitch, past, pastRows * rowBytes, pastRows * rowBytes, rowsBH,
             cudaMemcpyDeviceToDevice, stream);
         if (err != cudaSuccess)
             return err;
     }
-    return cudaMemcpy2DAsync(static_cast<char*>(present) + pastBytes, pitch, cur, curBytes, curBytes, rowsBH,
-        cudaMemcpyDeviceToDevice, stream);
+    return cudaMemcpy2DAsync(static_cast<char*>(present) + P * rowBytes, pitch, cur, S * rowBytes, S * rowBytes,
+        rowsBH, cudaMemcpyDeviceToDevice, stream);
 }
 
 int chooseSplits(ChaiClusteredAttentionParams const& p, int rows, size_t neededPerSlot)
@@ -435,6 +442,8 @@ extern "C" CHAI_API int chaiClusteredAttentionEnqueue(ChaiClusteredAttentionPara
     ChaiClusteredAttentionParams const& p = *params;
     if (!validTables(p) || p.batch < 1 || p.seq_len < 1 || p.past_len < 0)
         return CHAI_ERR_INVALID_ARGUMENT;
+    if (p.share_buffer && static_cast<long long>(p.past_len) + p.seq_len > p.cache_len)
+        return CHAI_ERR_INVALID_ARGUMENT; // the new rows would fall outside the buffer
     if (p.dtype != CHAI_DTYPE_FLOAT32 && p.dtype != CHAI_DTYPE_FLOAT16 && p.dtype != CHAI_DTYPE_BFLOAT16)
         return CHAI_ERR_INVALID_ARGUMENT;
     if (p.mask_dtype != CHAI_MASK_INT32 && p.mask_dtype != CHAI_MASK_INT64)
@@ -444,11 +453,13 @@ extern "C" CHAI_API int chaiClusteredAttentionEnqueue(ChaiClusteredAttentionPara
         return CHAI_ERR_INVALID_ARGUMENT;
 
     size_t const elt = p.dtype == CHAI_DTYPE_FLOAT32 ? 4 : 2;
-    if (concatCache(p.present_key, p.past_key, p.key, p.batch * p.num_k_heads, p.past_len, p.seq_len, p.head_dim, elt,
-            stream)
+    size_t const presentRows = cacheRows(p);
+    size_t const pastRows = p.share_buffer ? presentRows : static_cast<size_t>(p.past_len);
+    if (writeCache(p.present_key, p.past_key, p.key, p.batch * p.num_k_heads, p.past_len, p.seq_len, pastRows,
+            presentRows, p.head_dim, elt, stream)
             != cudaSuccess
-        || concatCache(p.present_value, p.past_value, p.value, p.batch * p.num_v_heads, p.past_len, p.seq_len,
-               p.head_dim, elt, stream)
+        || writeCache(p.present_value, p.past_value, p.value, p.batch * p.num_v_heads, p.past_len, p.seq_len, pastRows,
+               presentRows, p.head_dim, elt, stream)
             != cudaSuccess)
         return CHAI_ERR_CUDA;
 

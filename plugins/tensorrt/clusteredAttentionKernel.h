@@ -5,6 +5,10 @@
 //
 //     present_key   = concat(past_key, key)     on the sequence axis   [B, Hk, P+S, d]
 //     present_value = concat(past_value, value)                        [B, Hv, P+S, d]
+//   or, with share_buffer = 1 (the in-place cache contract, as ONNX Runtime's GroupQueryAttention with
+//   past_present_share_buffer): past_* and present_* are [B, H*, cache_len, d] buffers, P = valid past
+//   rows, and the call writes only rows [P, P+S) of present_* (copying the whole buffer first only when
+//   present_* is not the same buffer as past_*).
 //     P_c   = softmax(q_c K_{k_head_index[c]}^T * scale + mask)        (fp32 accumulation)
 //     out_i = P_{cluster(i)} V_{v_head_index[i]}                        output [B, S, H*d]
 //
@@ -15,7 +19,13 @@
 // __grid_constant__ argument): no device allocation, nothing to upload, CUDA-graph capturable.
 #pragma once
 
+// CPU-only users of the params struct (the ONNX Runtime library's CPU kernel) build without the CUDA
+// toolkit: they need only the stream type's name, defined here exactly as CUDA's driver_types.h does.
+#ifdef CHAI_KERNEL_NO_CUDA
+typedef struct CUstream_st* cudaStream_t;
+#else
 #include <cuda_runtime_api.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 
@@ -62,6 +72,8 @@ typedef struct ChaiClusteredAttentionParams
     int32_t batch;
     int32_t seq_len;
     int32_t past_len;
+    int32_t cache_len;    // rows of the past/present buffers with share_buffer = 1 (>= P+S); else ignored
+    int32_t share_buffer; // 1: in-place contract (present_* are [B, H*, cache_len, d]); 0: concat contract
     int32_t num_heads;    // H: query heads after permutation (output has H*d columns)
     int32_t num_clusters; // C: one query and one K head per cluster
     int32_t num_k_heads;  // Hk: kept K heads
@@ -79,12 +91,12 @@ typedef struct ChaiClusteredAttentionParams
     void const* query;          // [B, C, S, d]
     void const* key;            // [B, Hk, S, d]
     void const* value;          // [B, Hv, S, d]
-    void const* past_key;       // [B, Hk, P, d]   (may be null when P == 0)
-    void const* past_value;     // [B, Hv, P, d]   (may be null when P == 0)
+    void const* past_key;       // [B, Hk, P, d] (share_buffer: [B, Hk, cache_len, d]); may be null when P == 0
+    void const* past_value;     // [B, Hv, P, d] (share_buffer: [B, Hv, cache_len, d]); may be null when P == 0
     void const* attention_mask; // [B, P+S]        (1 = attend, 0 = padding)
     void* output;               // [B, S, H*d]
-    void* present_key;          // [B, Hk, P+S, d]
-    void* present_value;        // [B, Hv, P+S, d]
+    void* present_key;          // [B, Hk, P+S, d] (share_buffer: [B, Hk, cache_len, d], may equal past_key)
+    void* present_value;        // [B, Hv, P+S, d] (share_buffer: [B, Hv, cache_len, d], may equal past_value)
     // Scratch for the split-sequence (flash-decoding) path. May be null: then no split is made.
     void* workspace;
     size_t workspace_bytes;

@@ -144,6 +144,8 @@ std::string ClusteredAttentionConfig::validate() const
         }
     if (causal != 0 && causal != 1)
         err << "causal must be 0 or 1, got " << causal << "; ";
+    if (past_present_share_buffer != 0 && past_present_share_buffer != 1)
+        err << "past_present_share_buffer must be 0 or 1, got " << past_present_share_buffer << "; ";
     return err.str();
 }
 
@@ -157,6 +159,7 @@ ChaiClusteredAttentionParams ClusteredAttentionConfig::toParams() const
     p.head_dim = head_dim;
     p.scale = scale;
     p.causal = causal;
+    p.share_buffer = past_present_share_buffer;
     std::copy(cluster_offsets.begin(), cluster_offsets.end(), p.cluster_offsets);
     std::copy(k_head_index.begin(), k_head_index.end(), p.k_head_index);
     std::copy(v_head_index.begin(), v_head_index.end(), p.v_head_index);
@@ -176,7 +179,7 @@ IPluginCapability* ClusteredAttentionPlugin::getCapabilityInterface(PluginCapabi
     switch (type)
     {
     case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
+    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuildV2*>(this);
     case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
     }
     return nullptr;
@@ -274,7 +277,7 @@ int32_t ClusteredAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32
     outputs[kOutput].d[0] = q.d[0];
     outputs[kOutput].d[1] = q.d[2];
     outputs[kOutput].d[2] = exprBuilder.constant(static_cast<int64_t>(mConfig.num_heads) * mConfig.head_dim);
-    // present_* [B, H*, P+S, d]
+    // present_* [B, H*, P+S, d]; in place: the past buffer's shape [B, H*, L, d]
     for (int32_t o : {static_cast<int32_t>(kPresentKey), static_cast<int32_t>(kPresentValue)})
     {
         DimsExprs const& past = inputs[o == kPresentKey ? kPastKey : kPastValue];
@@ -282,7 +285,9 @@ int32_t ClusteredAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32
         outputs[o].nbDims = 4;
         outputs[o].d[0] = cur.d[0];
         outputs[o].d[1] = cur.d[1];
-        outputs[o].d[2] = exprBuilder.operation(DimensionOperation::kSUM, *past.d[2], *cur.d[2]);
+        outputs[o].d[2] = mConfig.past_present_share_buffer
+            ? past.d[2]
+            : exprBuilder.operation(DimensionOperation::kSUM, *past.d[2], *cur.d[2]);
         outputs[o].d[3] = cur.d[3];
     }
     return 0;
@@ -318,7 +323,17 @@ int32_t ClusteredAttentionPlugin::onShapeChange(
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
         return -1;
     int64_t const total = in[kPastKey].dims.d[2] + in[kKey].dims.d[2];
-    if (in[kAttentionMask].dims.d[1] != total)
+    int64_t const maskLen = in[kAttentionMask].dims.d[1];
+    if (mConfig.past_present_share_buffer)
+    {
+        if (maskLen < in[kKey].dims.d[2] || maskLen > in[kPastKey].dims.d[2])
+        {
+            logError("attention_mask length " + std::to_string(maskLen) + " does not fit the shared cache buffer of "
+                + std::to_string(in[kPastKey].dims.d[2]) + " rows (it must cover past + new tokens)");
+            return -1;
+        }
+    }
+    else if (maskLen != total)
     {
         logError("attention_mask length " + std::to_string(in[kAttentionMask].dims.d[1]) + " != past + new length "
             + std::to_string(total));
@@ -334,7 +349,12 @@ int32_t ClusteredAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plu
     Dims const& q = inputDesc[kQuery].dims;
     p.batch = static_cast<int32_t>(q.d[0]);
     p.seq_len = static_cast<int32_t>(q.d[2]);
-    p.past_len = static_cast<int32_t>(inputDesc[kPastKey].dims.d[2]);
+    int32_t const rows = static_cast<int32_t>(inputDesc[kPastKey].dims.d[2]);
+    // In place, P is what the mask covers beyond the new tokens; the buffers hold `rows` >= P+S rows.
+    p.past_len = mConfig.past_present_share_buffer
+        ? static_cast<int32_t>(inputDesc[kAttentionMask].dims.d[1]) - p.seq_len
+        : rows;
+    p.cache_len = rows;
     p.dtype = toChaiDType(inputDesc[kQuery].type);
     p.mask_dtype = inputDesc[kAttentionMask].type == DataType::kINT64 ? CHAI_MASK_INT64 : CHAI_MASK_INT32;
     p.query = inputs[kQuery];
@@ -355,6 +375,15 @@ int32_t ClusteredAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, Plu
     if (status != CHAI_OK)
         logError("chaiClusteredAttentionEnqueue failed with status " + std::to_string(status));
     return status;
+}
+
+int32_t ClusteredAttentionPlugin::getAliasedInput(int32_t outputIndex) noexcept
+{
+    if (!mConfig.past_present_share_buffer)
+        return -1;
+    if (outputIndex == kPresentKey)
+        return kPastKey;
+    return outputIndex == kPresentValue ? kPastValue : -1;
 }
 
 IPluginV3* ClusteredAttentionPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
@@ -383,6 +412,7 @@ PluginFieldCollection const* ClusteredAttentionPlugin::getFieldsToSerialize() no
             static_cast<int32_t>(c.v_head_index.size())),
         PluginField("scale", &c.scale, PluginFieldType::kFLOAT32, 1),
         PluginField("causal", &c.causal, PluginFieldType::kINT32, 1),
+        PluginField("past_present_share_buffer", &c.past_present_share_buffer, PluginFieldType::kINT32, 1),
     };
     mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
     mSerialCollection.fields = mSerialFields.data();
@@ -464,6 +494,8 @@ IPluginV3* ClusteredAttentionPluginCreator::createPlugin(
                 ok = haveScale = readFloat(f, cfg.scale);
             else if (n == "causal")
                 ok = readScalarInt(f, cfg.causal);
+            else if (n == "past_present_share_buffer") // optional: engines built before it default to concat
+                ok = readScalarInt(f, cfg.past_present_share_buffer);
             // Unknown fields are ignored so that newer exporters can add optional attributes.
             if (!ok)
                 bad += n + " ";

@@ -24,7 +24,8 @@
     X(k_head_index, kINT32, ints)                                                                                      \
     X(v_head_index, kINT32, ints)                                                                                      \
     X(scale, kFLOAT32, float)                                                                                          \
-    X(causal, kINT32, int)
+    X(causal, kINT32, int)                                                                                             \
+    X(past_present_share_buffer, kINT32, int)
 // CHAI_FIELDS_END
 
 namespace chai
@@ -63,6 +64,7 @@ struct ClusteredAttentionConfig
     std::vector<int32_t> v_head_index;
     float scale = 0.f;
     int32_t causal = 1;
+    int32_t past_present_share_buffer = 0; // 1: present_* alias past_* (in-place cache contract, README)
 
     // Empty when valid, else what is wrong.
     std::string validate() const;
@@ -72,7 +74,7 @@ struct ClusteredAttentionConfig
 
 class ClusteredAttentionPlugin : public nvinfer1::IPluginV3,
                                  public nvinfer1::IPluginV3OneCore,
-                                 public nvinfer1::IPluginV3OneBuild,
+                                 public nvinfer1::IPluginV3OneBuildV2,
                                  public nvinfer1::IPluginV3OneRuntime
 {
 public:
@@ -101,6 +103,9 @@ public:
     int32_t getNbOutputs() const noexcept override;
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
+    // IPluginV3OneBuildV2: with the in-place contract present_key/present_value alias past_key/past_value
+    // (TensorRT honours it under PreviewFeature::kALIASED_PLUGIN_IO_10_03).
+    int32_t getAliasedInput(int32_t outputIndex) noexcept override;
 
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,

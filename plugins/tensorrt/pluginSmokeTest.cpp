@@ -28,7 +28,7 @@ void check(bool ok, char const* what)
 
 struct Fields
 {
-    int32_t h = 8, c = 3, hk = 3, hv = 8, d = 64, causal = 1;
+    int32_t h = 8, c = 3, hk = 3, hv = 8, d = 64, causal = 1, share = 0;
     std::vector<int32_t> offsets{0, 3, 5, 8};
     std::vector<int32_t> kidx{0, 1, 2};
     std::vector<int32_t> vidx{0, 1, 2, 3, 4, 5, 6, 7};
@@ -51,6 +51,7 @@ struct Fields
             PluginField("v_head_index", vidx.data(), PluginFieldType::kINT32, static_cast<int32_t>(vidx.size())),
             PluginField("scale", &scale, PluginFieldType::kFLOAT32, 1),
             PluginField("causal", &causal, PluginFieldType::kINT32, 1),
+            PluginField("past_present_share_buffer", &share, PluginFieldType::kINT32, 1),
         };
         fc.nbFields = static_cast<int32_t>(list.size());
         fc.fields = list.data();
@@ -116,7 +117,7 @@ int main(int argc, char** argv)
     check(std::strcmp(creator->getPluginVersion(), "1") == 0, "creator version");
     check(std::strcmp(creator->getPluginNamespace(), "chai") == 0, "creator namespace");
     PluginFieldCollection const* declared = creator->getFieldNames();
-    check(declared != nullptr && declared->nbFields == 12, "12 declared fields");
+    check(declared != nullptr && declared->nbFields == 13, "13 declared fields");
     for (int32_t i = 0; declared != nullptr && i < declared->nbFields; ++i)
         std::printf("field %s %d\n", declared->fields[i].name, static_cast<int>(declared->fields[i].type));
 
@@ -132,6 +133,19 @@ int main(int argc, char** argv)
     check(std::strcmp(core->getPluginName(), "ClusteredAttention") == 0, "plugin name");
     check(std::strcmp(core->getPluginNamespace(), "chai") == 0, "plugin namespace");
     check(build->getNbOutputs() == 3, "3 outputs");
+    // The in-place contract is declared as I/O aliasing (build capability V2); concat aliases nothing.
+    auto* build2 = static_cast<IPluginV3OneBuildV2*>(build);
+    check(build2->getAliasedInput(1) == -1 && build2->getAliasedInput(2) == -1, "concat: present not aliased");
+    {
+        Fields inPlace;
+        inPlace.share = 1;
+        IPluginV3* p2 = creator->createPlugin("layer1", inPlace.make(), TensorRTPhase::kBUILD);
+        auto* b2 = p2 ? static_cast<IPluginV3OneBuildV2*>(p2->getCapabilityInterface(PluginCapabilityType::kBUILD))
+                      : nullptr;
+        check(b2 && b2->getAliasedInput(0) == -1 && b2->getAliasedInput(1) == 3 && b2->getAliasedInput(2) == 4,
+            "in place: present_key/present_value alias past_key/past_value");
+        delete p2;
+    }
 
     DataType inTypes[6] = {DataType::kHALF, DataType::kHALF, DataType::kHALF, DataType::kHALF, DataType::kHALF,
         DataType::kINT32};
