@@ -6,8 +6,9 @@ import dataclasses
 
 import click
 
+from chai_compile.choices import BUILTIN_CALIBRATION
 from chai_compile.errors import ClusteringError
-from chai_compile.plan.options import BUILTIN, PlanOptions, Refit
+from chai_compile.plan.options import PlanOptions, Refit
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "plan.weights.safetensors"
@@ -19,7 +20,7 @@ WEIGHTS_FILE = "plan.weights.safetensors"
               help="Free this fraction of the native KV cache (0-0.5; K heads, GQA counted).")
 @click.option("--max-ppl-increase", type=float, default=None,
               help="Stop before calibration perplexity rises by more than this fraction (0.05 = 5%).")
-@click.option("--calib", default=BUILTIN, show_default=True,
+@click.option("--calib", default=BUILTIN_CALIBRATION, show_default=True,
               help="Calibration text (.txt/.jsonl or 'builtin'); WikiText-2 valid is a good choice. Never an eval set.")
 @click.option("--samples", default=8, show_default=True, help="Scoring windows: every candidate is measured on these.")
 @click.option("--refit-samples", default=32, show_default=True, help="Windows for reconstruction.")

@@ -6,9 +6,8 @@ import dataclasses
 import enum
 from typing import Any
 
+from chai_compile.choices import BUILTIN_CALIBRATION
 from chai_compile.errors import ClusteringError
-
-BUILTIN = "builtin"  # the offline calibration corpus (chai_compile.calibration.BUILTIN)
 
 
 class Refit(enum.StrEnum):
@@ -20,7 +19,7 @@ class Refit(enum.StrEnum):
 
 @dataclasses.dataclass
 class PlanOptions:
-    calib: Any = BUILTIN  # path, "builtin", or a list of strings; never an evaluation set
+    calib: Any = BUILTIN_CALIBRATION  # path, "builtin", or a list of strings; never an evaluation set
     kv_target: float | None = None  # fraction of the native KV cache to free (0..0.5)
     max_ppl_increase: float | None = None  # stop before calibration perplexity rises by more (0.05 = 5%)
     samples: int = 8  # scoring windows (every candidate is measured on these)

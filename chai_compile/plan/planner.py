@@ -126,7 +126,7 @@ def _weights(mods: list[SharedScoresAttention]) -> PlanWeights:
         lw = LayerWeights()
         if m.q_weight is not None:
             d = m.head_dim
-            for h in getattr(m, "refit_heads", []):
+            for h in m.refit_heads:
                 lw.q_rows[h] = (m.q_weight[h * d : (h + 1) * d].detach().clone(),
                                 None if m.q_bias is None else m.q_bias[h * d : (h + 1) * d].detach().clone())
         if m.o_weight is not None:

@@ -39,7 +39,7 @@ class Scorer:
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.device = next(model.parameters()).device
-        self.reference = [self._logprobs(b) .to(torch.float16) for b in self._batches()]
+        self.reference = [self._logprobs(b).to(torch.float16) for b in self._batches()]
 
     def _batches(self) -> list[torch.Tensor]:
         return [self.windows[i : i + self.batch_size] for i in range(0, len(self.windows), self.batch_size)]

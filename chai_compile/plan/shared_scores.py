@@ -42,6 +42,7 @@ class SharedScoresAttention(nn.Module):
         self.q_weight: torch.Tensor | None = None
         self.q_bias: torch.Tensor | None = None
         self.o_weight: torch.Tensor | None = None
+        self.refit_heads: list[int] = []  # representatives whose Q rows q_weight refits
         self.capture: Capture | None = None
         self.original_forward = adapter.attention_forward()
 
