@@ -10,3 +10,5 @@ REPRESENTATIVES = ("auto", "medoid", "lowest", "kv-min")  # how a cluster's scor
 GREEDY_STEPS = 32  # greedy steps export, verify-artifact and verify ARTIFACT_DIR compare by default
 DEFAULT_OPSET = 23
 DEVICES = ("cpu", "cuda", "cuda:N")  # what --device accepts, for messages
+GRAPH_NAME = "model.onnx"  # an export directory's graph
+DATA_NAME = GRAPH_NAME + ".data"  # and its external weights (what torch.onnx's ONNXProgram.save writes)

@@ -18,8 +18,8 @@ from typing import Any
 
 import click
 
+from chai_compile.choices import DATA_NAME, GRAPH_NAME
 from chai_compile.errors import ExportError
-from chai_compile.export.onnx_export import DATA_NAME, GRAPH_NAME
 from chai_compile.runtime.heads import CacheHeads, cache_heads
 
 LAYOUT = "chai-genai-halves"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chai_compile.choices import DEFAULT_OPSET
+from chai_compile.choices import DATA_NAME, DEFAULT_OPSET, GRAPH_NAME
 from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ExportError, root_cause
 from chai_compile.mapping import ClusterMapping
@@ -30,8 +30,6 @@ from chai_compile.mapping import ClusterMapping
 # as inputs, Split num_outputs); older opsets need the down-conversion that loses dynamic shapes.
 MIN_OPSET = {"portable": 18, "fused": 18}
 ATTENTION_FORMS = ("portable", "fused")
-GRAPH_NAME = "model.onnx"
-DATA_NAME = GRAPH_NAME + ".data"  # what torch.onnx's ONNXProgram.save(external_data=True) writes
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 
 
