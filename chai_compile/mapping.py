@@ -160,6 +160,14 @@ class ClusterMapping:
             v_head_index=tuple(h // group for h in perm),
         )
 
+    @property
+    def origin(self) -> str:
+        """How the plan was made: "profile" (attention similarity), "planned" (measured loss) or
+        "planned+refit" (measured loss, with reconstruction weights)."""
+        if self.weights is not None:
+            return "planned+refit"
+        return "planned" if self.provenance.get("planner") else "profile"
+
     def summary(self) -> dict[str, Any]:
         """Head and cache counts: what the mapping removes from the model."""
         m = self.model

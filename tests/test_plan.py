@@ -155,3 +155,28 @@ def test_a_plan_with_weights_exports_and_verifies(planned, tmp_path):
     res = CliRunner().invoke(main, ["verify", str(out), "--tasks", "copa", "--limit", "5",
                                     "--out", str(tmp_path / "v")])
     assert res.exit_code == 0, res.output
+
+
+def test_sweep_shows_the_frontier_by_origin(planned, tmp_path, stories):
+    """`sweep` over a profile mapping, a plan without weights and one with: each point says how it was made."""
+    import dataclasses
+
+    from tests.conftest import EVAL
+
+    plan = ClusterMapping.read(planned / "plan.json")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    dataclasses.replace(plan, weights=None).write(maps / "planned.json")
+    (maps / "refit").mkdir()
+    (maps / "refit" / "plan.json").write_text((planned / "plan.json").read_text())
+    (maps / "refit" / "plan.weights.safetensors").write_bytes((planned / "plan.weights.safetensors").read_bytes())
+    ClusterMapping.build(plan.model, plan.layers, {"tool": "test"}).write(maps / "similarity.json")
+    res = CliRunner().invoke(main, ["sweep", str(STORIES), "--mappings", str(maps), "--tasks", "copa,wikitext2",
+                                    "--limit", "2", "--kv-tokens", "8",
+                                    "--data-dir", str(EVAL), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0, res.output
+    points = json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]
+    assert {p["label"]: p["origin"] for p in points} == {
+        "planned": "planned", "similarity": "profile", "refit": "planned+refit"}
+    assert "| refit | planned+refit |" in (tmp_path / "s" / "sweep.md").read_text()
+    assert (tmp_path / "s" / "sweep.png").stat().st_size > 0

@@ -168,6 +168,7 @@ def compare_loaded(
         comparison = {n: compare_task(task_metrics(n, kinds[n]), orig[n], chai[n]) for n in orig}
         out["points"].append({
             "label": label,
+            "origin": mapping.origin,
             "membership": membership,
             "mapping_summary": mapping.summary(),
             "mapping_provenance": mapping.provenance,

@@ -148,18 +148,19 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     kinds = {t: i["kind"] for t, i in result["task_info"].items()}
     acc_tasks = [t for t in kinds if kinds[t] != "perplexity"]
     ppl_tasks = [t for t in kinds if kinds[t] == "perplexity"]
-    head = ["mapping", "KV saving (measured)", "K heads kept", "avg Δacc (pt)"]
+    head = ["mapping", "made by", "KV saving (measured)", "K heads kept", "avg Δacc (pt)"]
     head += [f"{t} Δacc" for t in acc_tasks] + [f"{t} Δppl" for t in ppl_tasks]
     lines = [f"# chai-compile sweep: {result['model']}", "",
-             f"Membership {result['membership']}; tasks {', '.join(kinds)}; limit {result['settings']['limit']}.", "",
+             f"Membership {result['membership']}; tasks {', '.join(kinds)}; limit {result['settings']['limit']}.",
+             "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     orig = result["original"]["tasks"]
-    lines.append("| original | 0.00% | all | 0.00 | " + " | ".join(
+    lines.append("| original | | 0.00% | all | 0.00 | " + " | ".join(
         [_fmt(orig[t]["acc"]) for t in acc_tasks] + [_fmt(orig[t]["ppl"], "ppl") for t in ppl_tasks]) + " |")
     for p in result["points"]:
         s = p["mapping_summary"]
-        cells = [p["label"], f"{p['kv_cache_saving_pct']:.2f}%", f"{s['k_heads_kept']}/{s['k_heads_total']}",
-                 _signed(p["average_accuracy_change_points"], "points")]
+        cells = [p["label"], p.get("origin", "profile"), f"{p['kv_cache_saving_pct']:.2f}%",
+                 f"{s['k_heads_kept']}/{s['k_heads_total']}", _signed(p["average_accuracy_change_points"], "points")]
         cells += [_signed(p["comparison"][t]["acc"]["delta"], "points") for t in acc_tasks]
         cells += [_signed(p["comparison"][t]["ppl"]["delta"], "%") for t in ppl_tasks]
         lines.append("| " + " | ".join(cells) + " |")
@@ -167,24 +168,34 @@ def sweep_markdown(result: dict[str, Any]) -> str:
 
 
 def sweep_plot(result: dict[str, Any], path: Path) -> Path:
-    """KV-cache saving (measured, x) against average accuracy change (y), one point per mapping."""
-    fig = _figure(6, 4.5)
-    ax = fig.add_subplot(1, 1, 1)
+    """The frontier: measured KV-cache saving (x) against average accuracy change and, when a perplexity
+    task ran, its change (y); one line per way the mappings were made (profile, planned, planned+refit)."""
+    ppl_tasks = [t for t, i in result["task_info"].items() if i["kind"] == "perplexity"]
+    fig = _figure(11 if ppl_tasks else 6, 4.5)
+    axes = [fig.add_subplot(1, 2 if ppl_tasks else 1, i + 1) for i in range(2 if ppl_tasks else 1)]
     pts = [p for p in result["points"] if p["average_accuracy_change_points"] is not None]
-    ax.scatter([0], [0], color="#4c72b0", zorder=3, label="original")
-    if pts:
-        xs = [p["kv_cache_saving_pct"] for p in pts]
-        ys = [p["average_accuracy_change_points"] for p in pts]
-        order = sorted(range(len(pts)), key=xs.__getitem__)
-        ax.plot([xs[i] for i in order], [ys[i] for i in order], "-o", color="#dd8452", zorder=3, label="CHAI")
-        for p, x, y in zip(pts, xs, ys, strict=True):
-            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("KV-cache saving vs native cache, measured (%)")
-    ax.set_ylabel("average accuracy change (points)")
-    ax.set_title(f"{result['model']}: CHAI trade-off ({result['membership']} membership)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    metrics = [("average accuracy change (points)", lambda p: p["average_accuracy_change_points"])]
+    if ppl_tasks:
+        t = ppl_tasks[0]
+        metrics.append((f"{t} perplexity change (%)", lambda p, t=t: p["comparison"][t]["ppl"]["delta"]))
+    for ax, (ylabel, value) in zip(axes, metrics, strict=True):
+        ax.scatter([0], [0], color="black", zorder=3, label="original")
+        for origin in sorted({p.get("origin", "profile") for p in pts}):
+            group = sorted((p for p in pts if p.get("origin", "profile") == origin),
+                           key=lambda p: p["kv_cache_saving_pct"])
+            ax.plot([p["kv_cache_saving_pct"] for p in group], [value(p) for p in group], "-o", zorder=3,
+                    label=origin)
+            for p in group:
+                ax.annotate(p["label"], (p["kv_cache_saving_pct"], value(p)), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("KV-cache saving vs native cache, measured (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if ppl_tasks:
+        axes[1].set_yscale("symlog", linthresh=10)
+    fig.suptitle(f"{result['model']}: quality against KV saving ({result['membership']} membership)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path

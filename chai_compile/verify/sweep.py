@@ -18,8 +18,8 @@ from chai_compile.verify.tasks import Task, resolve_tasks
 
 
 def _label(path: Path) -> str:
-    # profile writes DIR/mapping.json: the directory names the budget
-    return path.parent.name if path.stem == "mapping" else path.stem
+    # profile writes DIR/mapping.json and plan DIR/plan.json: the directory names the budget
+    return path.parent.name if path.stem in ("mapping", "plan") else path.stem
 
 
 def _is_mapping_file(path: Path) -> bool:
@@ -31,11 +31,12 @@ def _is_mapping_file(path: Path) -> bool:
 
 
 def collect_mappings(paths: Sequence[str | Path]) -> list[tuple[str, ClusterMapping]]:
-    """Mapping files, or directories holding them (*.json and */mapping.json; other JSON is skipped)."""
+    """Mapping files, or directories holding them (*.json, */mapping.json, */plan.json; other JSON is skipped)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = [f for f in sorted({*p.glob("*.json"), *p.glob("*/mapping.json")}) if _is_mapping_file(f)]
+            found = [f for f in sorted({*p.glob("*.json"), *p.glob("*/mapping.json"), *p.glob("*/plan.json")})
+                     if _is_mapping_file(f)]
             if not found:
                 raise MappingError(f"no chai-compile mapping files in directory {p}",
                                    fix="pass mapping.json files or a directory of profile outputs")
