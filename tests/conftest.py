@@ -14,6 +14,18 @@ STORIES_MHA = SHARED / "models" / "stories260K-mha"
 EVAL = SHARED / "eval"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small models: on a shared 2-core runner OpenMP spin-waiting
+    made such files up to 10x slower (180 s vs 15 s). Restored for the other test files."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def stories():
     from chai_compile.loading import load_model

@@ -24,16 +24,12 @@ from tests.conftest import REPO, STORIES
 from tests.test_rewrite import eager_copy, paired_mapping
 from tests.tiny_models import FAMILIES, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOL = 1e-5
 SMOLLM2_KV20 = REPO / "docs" / "results" / "smollm2" / "kv20.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: identical math across runs, no OpenMP oversubscription
-    yield
-    torch.set_num_threads(before)
 
 
 def check(model: torch.nn.Module, mapping: ClusterMapping, ids: torch.Tensor) -> None:

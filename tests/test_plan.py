@@ -18,16 +18,11 @@ from chai_compile.plan.shared_scores import planning_modules
 from chai_compile.rewrite import apply_mapping
 from tests.conftest import STORIES
 
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")]
 FAST = ["--samples", "2", "--refit-samples", "4", "--seq-len", "64", "--query-steps", "10", "--per-round", "4"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: OpenMP spin-waits cost more than they buy on a shared runner
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

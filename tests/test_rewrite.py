@@ -19,17 +19,9 @@ from chai_compile.rewrite import ClusteredAttention, apply_mapping, average_link
 from tests.conftest import STORIES, STORIES_MHA
 from tests.tiny_models import FAMILIES, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 needs_stories = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: two intra-op threads buy nothing, and on a shared 2-core runner OpenMP
-    # spin-waiting made this file 10x slower (180 s vs 15 s). Restored for the other test files.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---- helpers ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from chai_compile.plan.shared_scores import Positions, SharedScoresAttention
+from chai_compile.plan.shared_scores import SharedScoresAttention
 
 
 class _Stop(Exception):
@@ -85,13 +85,6 @@ def refit_queries(model: nn.Module, modules: Sequence[SharedScoresAttention], wi
     return fitted
 
 
-def _rotate(m: SharedScoresAttention, t: torch.Tensor, pe, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Apply the family's positions to t [B, heads, T', d] at the given positions (all when rows is None)."""
-    if pe is not None and rows is not None:
-        pe = tuple(p[:, rows] for p in pe)
-    return m.adapter.position(t, t, Positions(pe))[0]
-
-
 def _fit_layer(m: SharedScoresAttention, groups: dict[int, list[int]], batches: list, steps: int,
                lr: float, rows_per_window: int = 64) -> int:
     """Adam on the representatives' Q rows: KL(member's original distribution || shared) on sampled query rows."""
@@ -105,8 +98,7 @@ def _fit_layer(m: SharedScoresAttention, groups: dict[int, list[int]], batches: 
             b, t, _ = x.shape
             rows = torch.randperm(t, generator=gen)[: min(rows_per_window, t)].sort().values.to(x.device)
             probs, _ = m.probabilities(x, pe, p.q_weight, p.q_bias)  # original distributions, every head
-            k = nn.functional.linear(x, p.k_weight, p.k_bias).view(b, t, m.num_kv_heads, d).transpose(1, 2)
-            k = _rotate(m, k, pe).repeat_interleave(m.group, dim=1)[:, reps].float()  # [B, reps, T, d]
+            k = m.keys(x, pe)[:, reps].float()  # [B, reps, T, d]
             targets = [probs[:, heads][:, :, rows] for heads in groups.values()]  # [B, members, S, T] each
             causal = torch.arange(t, device=x.device)[None, :] <= rows[:, None]  # [S, T]
             data.append((x[:, rows], pe, rows, k, targets, causal))
@@ -120,7 +112,7 @@ def _fit_layer(m: SharedScoresAttention, groups: dict[int, list[int]], batches: 
         for xs, pe, rows, k, targets, causal in data:
             b, s, _ = xs.shape
             q = nn.functional.linear(xs.float(), w, bias).view(b, s, len(reps), d).transpose(1, 2) * m.q_scale
-            q = _rotate(m, q, pe, rows)
+            q = m.rotate(q, pe, rows)
             logp = (torch.matmul(q, k.transpose(-1, -2)) * m.scale).masked_fill(~causal, lowest).log_softmax(-1)
             for j, target in enumerate(targets):
                 kl = target * (target.clamp_min(1e-30).log() - logp[:, j : j + 1])

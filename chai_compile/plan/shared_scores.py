@@ -61,17 +61,25 @@ class SharedScoresAttention(nn.Module):
         q_w, q_b, v_w, v_b, _, _ = self._weights()
         if q_weight is not None:
             q_w, q_b = q_weight, q_bias
-        p = self.p
         h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = nn.functional.linear(x, q_w, q_b).view(b, t, h, d).transpose(1, 2) * self.q_scale
-        k = nn.functional.linear(x, p.k_weight, p.k_bias).view(b, t, kv, d).transpose(1, 2)
+        q = self.rotate(q, position_embeddings)
         v = nn.functional.linear(x, v_w, v_b).view(b, t, kv, d).transpose(1, 2)
-        call = Positions(position_embeddings)
-        q, k = self.adapter.position(q, k, call)  # type: ignore[arg-type]
-        k = k.repeat_interleave(self.group, dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
+        scores = torch.matmul(q.float(), self.keys(x, position_embeddings).float().transpose(-1, -2)) * self.scale
         causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, torch.finfo(torch.float32).min).softmax(-1), v
+
+    def rotate(self, t: torch.Tensor, position_embeddings: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The family's positions applied to t [B, heads, T', d] at `rows` of the window (all when None)."""
+        if position_embeddings is not None and rows is not None:
+            position_embeddings = tuple(p[:, rows] for p in position_embeddings)
+        return self.adapter.position(t, t, Positions(position_embeddings))[0]  # type: ignore[arg-type]
+
+    def keys(self, x: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+        """Positioned keys, one per query head: [B, H, T, d] (GQA groups repeated)."""
+        b, t, _ = x.shape
+        k = nn.functional.linear(x, self.p.k_weight, self.p.k_bias).view(b, t, self.num_kv_heads, self.head_dim)
+        return self.rotate(k.transpose(1, 2), position_embeddings).repeat_interleave(self.group, dim=1)
 
     def head_outputs(self, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """[B, T, H*d]: head h applies its source's probabilities to its own V."""
