@@ -33,7 +33,7 @@ COMMANDS = {
     "verify": "chai_compile.verify.cli:verify",
     "sweep": "chai_compile.verify.cli:sweep",
     "export": "chai_compile.export.cli:export",
-    "verify-artifact": "chai_compile.export.cli:verify_artifact",
+    "verify-artifact": "chai_compile.verify.artifact:verify_artifact",
     "build-ort-ops": "chai_compile.export.cli:build_ort_ops",
     "genai-pack": "chai_compile.export.genai_pack:genai_pack",
 }

@@ -94,7 +94,7 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     MODEL may also be an export directory: the artifact is then checked against its PyTorch source
     (logits, greedy tokens, and --tasks run through ONNX Runtime), as `chai-compile verify-artifact`."""
-    from chai_compile.export.cli import GREEDY_STEPS, check_artifact, is_artifact
+    from chai_compile.verify.artifact import GREEDY_STEPS, check_artifact, is_artifact
 
     if is_artifact(model):
         if mapping_path:
