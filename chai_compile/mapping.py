@@ -76,15 +76,6 @@ class LayerMapping:
     def num_clusters(self) -> int:
         return len(self.clusters)
 
-    def cluster_of_head(self, num_heads: int) -> list[int]:
-        if self.kind == "dense":
-            return list(range(num_heads))
-        out = [-1] * num_heads
-        for c, cl in enumerate(self.clusters):
-            for h in cl.members:
-                out[h] = c
-        return out
-
     def representatives(self, num_heads: int) -> list[int]:
         if self.kind == "dense":
             return list(range(num_heads))

@@ -53,6 +53,4 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
         swaps.append((layers[i], name, new))
     for parent, name, new in swaps:
         setattr(parent, name, new)
-    model.chai_mapping = mapping  # provenance for export and verify; a plain attribute, not state
-    model.chai_membership = membership
     return model
