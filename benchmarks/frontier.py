@@ -60,7 +60,8 @@ def worker(args: argparse.Namespace) -> None:
     _, chai = profile_model(loaded, ProfileOptions(calib=args.calib, samples=64, seq_len=512, kv_target=level),
                             progress=False)
     profile_s = time.perf_counter() - t0
-    res = plan_model(loaded, PlanOptions(calib=args.calib, kv_target=level, refit=Refit.ALL), progress=False)
+    res = plan_model(loaded, PlanOptions(calib=args.calib, kv_target=level, refit=Refit.ALL, seq_len=args.plan_seq_len,
+                                         samples=args.plan_samples), progress=False)
     plan_dir = out / tag
     plan_dir.mkdir(exist_ok=True)
     chai.write(plan_dir / "chai.json")
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--plan-seq-len", type=int, default=256, help="plan's calibration window length")
+    ap.add_argument("--plan-samples", type=int, default=8, help="plan's scoring windows")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
