@@ -115,10 +115,12 @@ def test_weights_that_do_not_match_the_plan_are_refused(planned, tmp_path, stori
                               "reachable is 37.5% KV saving"),
     (["--kv-target", "0.6"], "--kv-target must be between 0 and 0.5"),
     ([], "a plan needs a budget"),
+    (["--kv-target", "0.2", "--seq-len", "4096"], "--seq-len is above the 512 positions the model was trained for"),
 ])
 def test_budgets_that_cannot_be_met_are_one_line_errors(tmp_path, args, message):
     out = tmp_path / "p"
     res = CliRunner().invoke(main, ["plan", str(STORIES), "--out", str(out), *FAST, "--refit", "none", *args])
+    # (FAST's --seq-len 64 comes first; a later --seq-len in args overrides it)
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("chai-compile: error: ") and message in last and "; fix: " in last

@@ -22,9 +22,10 @@ WEIGHTS_FILE = "plan.weights.safetensors"
               help="Stop before calibration perplexity rises by more than this fraction (0.05 = 5%).")
 @click.option("--calib", default=BUILTIN_CALIBRATION, show_default=True,
               help="Calibration text (.txt/.jsonl or 'builtin'); WikiText-2 valid is a good choice. Never an eval set.")
-@click.option("--samples", default=8, show_default=True, help="Scoring windows: every candidate is measured on these.")
+@click.option("--samples", default=4, show_default=True, help="Scoring windows: every candidate is measured on these.")
 @click.option("--refit-samples", default=32, show_default=True, help="Windows for reconstruction.")
-@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per calibration window [default: 1024, or the model's positions if fewer].")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--per-round", default=4, show_default=True,
               help="K heads accepted per greedy round (fewer: slower, closer to one-at-a-time greedy).")
@@ -38,7 +39,7 @@ WEIGHTS_FILE = "plan.weights.safetensors"
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, calib: str, samples: int,
-         refit_samples: int, seq_len: int, batch_size: int, per_round: int, refit: str, query_steps: int,
+         refit_samples: int, seq_len: int | None, batch_size: int, per_round: int, refit: str, query_steps: int,
          dense_layers: str, seed: int, dtype: str, device: str, out_dir: str, overwrite: bool) -> None:
     """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
     from chai_compile.cli_parse import expand_ranges, parse_ranges

@@ -22,9 +22,11 @@ class PlanOptions:
     calib: Any = BUILTIN_CALIBRATION  # path, "builtin", or a list of strings; never an evaluation set
     kv_target: float | None = None  # fraction of the native KV cache to free (0..0.5)
     max_ppl_increase: float | None = None  # stop before calibration perplexity rises by more (0.05 = 5%)
-    samples: int = 8  # scoring windows (every candidate is measured on these)
+    samples: int = 4  # scoring windows (every candidate is measured on these)
     refit_samples: int = 32  # reconstruction windows (the scoring windows are among them)
-    seq_len: int = 256
+    # Tokens per window; None: 1024, or the model's positions if fewer. Long windows keep long-range heads:
+    # on SmolLM2 at 20% KV, 4 x 1024 instead of 8 x 256 gave +25.6% instead of +33.0% test perplexity.
+    seq_len: int | None = None
     batch_size: int = 8
     per_round: int = 4  # K heads accepted per round (at most one per layer)
     refit: Refit = Refit.ALL
@@ -43,13 +45,22 @@ class PlanOptions:
             raise ClusteringError("--max-ppl-increase must be above 0", value=self.max_ppl_increase,
                                   fix="pass a fraction such as 0.05 for at most 5% more perplexity")
         for name in ("samples", "refit_samples", "seq_len", "batch_size", "per_round"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ClusteringError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
                                       fix=f"pass --{name.replace('_', '-')} 1 or more")
         bad = [d for d in self.dense_layers if num_layers is not None and not 0 <= d < num_layers]
         if bad:
             raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=bad[0],
                                   fix=f"list layers between 0 and {num_layers - 1}")
+
+    def window(self, max_positions: int | None) -> int:
+        """The calibration window length for a model trained on `max_positions` positions (None: unknown)."""
+        if self.seq_len is None:
+            return min(1024, max_positions or 1024)
+        if max_positions is not None and self.seq_len > max_positions:
+            raise ClusteringError(f"--seq-len is above the {max_positions} positions the model was trained for",
+                                  value=self.seq_len, fix=f"pass --seq-len {max_positions} or less")
+        return self.seq_len
 
     def reachable_k_heads(self, num_layers: int, num_kv_heads: int) -> int:
         """Most K heads a plan can drop: every layer not kept dense keeps at least one."""

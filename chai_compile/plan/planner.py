@@ -23,6 +23,7 @@ from chai_compile.plan.refit import refit_output, refit_queries
 from chai_compile.plan.select import Scorer, head_errors, select
 from chai_compile.plan.shared_scores import SharedScoresAttention, planning_modules
 from chai_compile.plan.weights import LayerWeights, PlanWeights
+from chai_compile.profile_options import max_positions
 
 
 @dataclasses.dataclass
@@ -39,8 +40,8 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
     spec = adapter.spec
     opts.check(spec.num_layers)
     t0 = time.perf_counter()
-    calib = build_calibration(loaded.tokenizer, opts.calib, max(opts.samples, opts.refit_samples), opts.seq_len,
-                              opts.seed)
+    seq_len = opts.window(max_positions(model.config))
+    calib = build_calibration(loaded.tokenizer, opts.calib, max(opts.samples, opts.refit_samples), seq_len, opts.seed)
     windows = calib.input_ids
     scoring = windows[: opts.samples]
     total_k = spec.num_layers * spec.num_kv_heads
@@ -75,7 +76,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
         "k_heads_dropped": dropped, "k_heads_total": total_k, "kv_cache_saving": dropped / (2 * total_k),
         "target_met": opts.kv_target is None or dropped >= to_drop,
         "calibration": {"source": calib.source, "tokens_sha256": calib.sha256, "windows": len(windows),
-                        "scoring_windows": len(scoring), "seq_len": opts.seq_len},
+                        "scoring_windows": len(scoring), "seq_len": seq_len},
         "original": {"kl": base_kl, "ppl": base_ppl},
         "rounds": [dataclasses.asdict(r) for r in rounds], "stages": stages,
         "select_s": round(t_select, 2), "total_s": round(time.perf_counter() - t0, 2),
