@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from chai_compile.adapters import adapter_for
-from chai_compile.calibration import build_calibration
-from chai_compile.capture import capture_attention
 from chai_compile.fileio import write_json
 from chai_compile.loading import load_model
+from chai_compile.profile.calibration import build_calibration
+from chai_compile.profile.capture import capture_attention
 
 
 def main() -> None:

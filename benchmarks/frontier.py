@@ -46,7 +46,7 @@ def worker(args: argparse.Namespace) -> None:
     from chai_compile.plan.planner import plan_model
     from chai_compile.plan.weights import write_weights
     from chai_compile.profile import profile_model
-    from chai_compile.profile_options import ProfileOptions
+    from chai_compile.profile.options import ProfileOptions
 
     loaded = load_model(args.model, device=args.device)
     out = Path(args.out) / "work"

@@ -27,9 +27,9 @@ from chai_compile.errors import ChaiError, Terminated
 
 # name -> "module:attribute"; the order is the order of `--help`.
 COMMANDS = {
-    "profile": "chai_compile.profile_cli:profile",
+    "profile": "chai_compile.profile.cli:profile",
     "plan": "chai_compile.plan.cli:plan",
-    "inspect": "chai_compile.inspect_cli:inspect",
+    "inspect": "chai_compile.profile.inspect_cli:inspect",
     "verify": "chai_compile.verify.cli:verify",
     "sweep": "chai_compile.verify.cli:sweep",
     "export": "chai_compile.export.cli:export",

@@ -15,9 +15,8 @@ PACKAGE = REPO / "chai_compile"
 # first component of the module path under chai_compile -> stage rank
 STAGES = {
     **dict.fromkeys(["chai_compile", "errors", "choices", "compat", "fileio", "cli_parse", "loading"], 0),
-    **dict.fromkeys(["adapters", "mapping", "mapping_schema", "fingerprint", "calibration"], 1),
-    **dict.fromkeys(["profile", "profile_options", "profile_cli", "capture", "clustering", "report", "inspect_cli"],
-                    2),
+    **dict.fromkeys(["adapters", "mapping", "mapping_schema", "fingerprint"], 1),
+    "profile": 2,
     "plan": 3,
     **dict.fromkeys(["kernels", "fused_op"], 4),
     "rewrite": 5,

@@ -12,8 +12,15 @@ from click.testing import CliRunner
 from conftest import STORIES
 
 from chai_compile.cli import main
-from chai_compile.clustering import choose_representatives, cluster_heads, cosine_distance, embed, knee, sse_curve
 from chai_compile.mapping import ClusterMapping
+from chai_compile.profile.clustering import (
+    choose_representatives,
+    cluster_heads,
+    cosine_distance,
+    embed,
+    knee,
+    sse_curve,
+)
 
 
 def _run(args, **kw):
@@ -164,7 +171,7 @@ def test_kv_drop_options_pick_best_covered_kv_head():
     sim = np.eye(6) * 0.5 + 0.5 * np.eye(6)
     sim[4, 0] = sim[0, 4] = 0.99
     sim[5, 2] = sim[2, 5] = 0.98
-    from chai_compile.clustering import allocate_kv_budget, kv_drop_options
+    from chai_compile.profile.clustering import allocate_kv_budget, kv_drop_options
 
     opts = kv_drop_options(sim, 2)
     assert [o.dropped for o in opts[:2]] == [(), (2,)]

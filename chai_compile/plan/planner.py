@@ -13,7 +13,6 @@ import torch
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
-from chai_compile.calibration import build_calibration
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
@@ -23,7 +22,8 @@ from chai_compile.plan.refit import refit_output, refit_queries
 from chai_compile.plan.select import Scorer, head_errors, select
 from chai_compile.plan.shared_scores import SharedScoresAttention, planning_modules
 from chai_compile.plan.weights import LayerWeights, PlanWeights
-from chai_compile.profile_options import max_positions
+from chai_compile.profile.calibration import build_calibration
+from chai_compile.profile.options import max_positions
 
 
 @dataclasses.dataclass

@@ -66,7 +66,7 @@ def mappings_from_profile(profile_dir: str | Path, clusters: Sequence[int], dens
     """
     from dataclasses import fields
 
-    from chai_compile.profile import ProfileOptions, budget_options, derive_mapping, load_profile_data
+    from chai_compile.profile.measure import ProfileOptions, budget_options, derive_mapping, load_profile_data
 
     d = Path(profile_dir)
     mapping_path, profile_path = d / "mapping.json", d / "profile.json"

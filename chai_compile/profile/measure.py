@@ -13,9 +13,12 @@ from tqdm.auto import tqdm
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
-from chai_compile.calibration import build_calibration
-from chai_compile.capture import capture_attention
-from chai_compile.clustering import (
+from chai_compile.fingerprint import model_info
+from chai_compile.loading import LoadedModel
+from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
+from chai_compile.profile.calibration import build_calibration
+from chai_compile.profile.capture import capture_attention
+from chai_compile.profile.clustering import (
     allocate_kv_budget,
     choose_representatives,
     cluster_heads,
@@ -24,10 +27,7 @@ from chai_compile.clustering import (
     kv_drop_options,
     sse_curve,
 )
-from chai_compile.fingerprint import model_info
-from chai_compile.loading import LoadedModel
-from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
-from chai_compile.profile_options import (  # noqa: F401  (re-exported)
+from chai_compile.profile.options import (  # noqa: F401  (re-exported)
     FEATURES,
     ProfileOptions,
     check_options,

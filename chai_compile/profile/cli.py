@@ -61,7 +61,7 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
 
     from chai_compile.fileio import claim_output_dir, write_json
-    from chai_compile.profile_options import ProfileOptions, check_options, check_static, max_positions
+    from chai_compile.profile.options import ProfileOptions, check_options, check_static, max_positions
 
     dense = parse_ranges(dense_layers, "--dense-layers")  # expanded only once checked against the model
     opts = ProfileOptions(calib=calib, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
@@ -71,8 +71,8 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
     check_static(opts)
     with claim_output_dir(out_dir, overwrite) as claim:  # locked before anything heavy is imported or loaded
         from chai_compile.loading import load_model, peek_config
-        from chai_compile.profile import profile_model
-        from chai_compile.report import markdown, plots, savings
+        from chai_compile.profile.measure import profile_model
+        from chai_compile.profile.report import markdown, plots, savings
 
         config = peek_config(model)
         if config is not None:  # sizes checked from config.json, before the weights are loaded

@@ -15,7 +15,7 @@ from chai_compile.mapping import ClusterMapping
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(mapping_path: str, model: str | None, as_json: bool) -> None:
     """Validate MAPPING_PATH; exit non-zero naming the problem if it is malformed or for another model."""
-    from chai_compile.report import savings
+    from chai_compile.profile.report import savings
 
     mapping = ClusterMapping.read(mapping_path)
     if model:
