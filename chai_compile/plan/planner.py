@@ -61,7 +61,8 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
         rounds = select(model, adapter, mods, scorer, errors, k_heads_to_drop=to_drop, per_round=opts.per_round,
                         max_ppl=max_ppl, frozen_layers=opts.dense_layers, progress=progress)
         t_select = time.perf_counter() - t0
-        stages["selected"] = _stage(scorer, time.perf_counter() - t0)
+        # The last round already measured the selected plan; no second pass over the scoring windows.
+        stages["selected"] = {"kl": rounds[-1].kl, "ppl": rounds[-1].ppl, "elapsed_s": round(t_select, 2)}
         if opts.refit in (Refit.QUERIES, Refit.ALL):
             fitted = refit_queries(model, mods, windows, opts.batch_size, steps=opts.query_steps, progress=progress)
             stages["queries"] = _keep_if_better(scorer, stages, mods, ("q_weight", "q_bias"), t0, fitted=fitted)
