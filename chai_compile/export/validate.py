@@ -85,12 +85,13 @@ def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Re
         logits = model(ids).logits.float().numpy()
         plogits = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().numpy()
         greedy = torch_greedy(model, ids, steps)
+        dtype = next(model.parameters()).dtype
         model.double()  # in place and back: no second copy of the weights
         try:
             logits64 = model(ids).logits.numpy()
             plogits64 = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.numpy()
         finally:
-            model.float()
+            model.to(dtype)
     keep = pmask.numpy().astype(bool)
     error = max(float(np.abs(logits - logits64).max()), float(np.abs(plogits - plogits64)[keep].max()))
     return Reference(ids.numpy(), logits, pad_ids.numpy(), pmask.numpy(), plogits, greedy, logits64, plogits64, error)
