@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 BUILTIN_CALIBRATION = "builtin"  # --calib value: the offline corpus shipped with Python
 FEATURES = ("rows", "first_n")  # attention features that decide clusters
 METHODS = ("agglomerative", "kmeans")  # clustering algorithms
@@ -12,3 +14,77 @@ DEFAULT_OPSET = 23
 DEVICES = ("cpu", "cuda", "cuda:N")  # what --device accepts, for messages
 GRAPH_NAME = "model.onnx"  # an export directory's graph
 DATA_NAME = GRAPH_NAME + ".data"  # and its external weights (what torch.onnx's ONNXProgram.save writes)
+
+
+class Choice(StrEnum):
+    """An option's closed set of values. A StrEnum, so a value read from JSON or the command line
+    compares equal to its member and serialises as its plain string."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+    @classmethod
+    def parse(cls, value: str, what: str) -> Choice:
+        """The member named `value`, or a ValueError that names the accepted spellings."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown {what} {value!r} (one of {', '.join(cls.values())})") from None
+
+
+class LayerKind(Choice):
+    """What a plan does to one layer's attention. SHARED and SPAN are shaped for the cross-layer and
+    attention-span transforms; this version's rewrite refuses them with a typed error."""
+
+    DENSE = "dense"
+    CLUSTERED = "clustered"
+    SHARED = "shared"
+    SPAN = "span"
+
+
+class Membership(Choice):
+    """Static: cluster membership frozen by the plan. Dynamic: representatives chosen per request."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+class AttentionForm(Choice):
+    """Portable: standard ONNX ops. Fused: one ClusteredAttention node per layer."""
+
+    PORTABLE = "portable"
+    FUSED = "fused"
+
+
+class KVCacheMode(Choice):
+    """Concat: present = concat(past, new). Inplace: one preallocated buffer, a step writes its token."""
+
+    CONCAT = "concat"
+    INPLACE = "inplace"
+
+
+class ExportFormat(Choice):
+    ONNX = "onnx"
+    TENSORRT = "tensorrt"
+
+
+class DType(Choice):
+    """Floating dtypes. Every command accepts both spellings (float32 or fp32, ...); `parse` folds
+    the short one into the long one, which is what files and reports carry."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @classmethod
+    def parse(cls, value: str, what: str = "dtype") -> DType:
+        return super().parse(DTYPE_ALIASES.get(value, value), what)  # type: ignore[return-value]
+
+    @property
+    def short(self) -> str:
+        return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.value]
+
+
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_SPELLINGS = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what --dtype accepts
