@@ -57,11 +57,13 @@ def worker(args: argparse.Namespace) -> None:
     level = float(args.worker)
     tag = f"kv{round(100 * level):02d}"
     t0 = time.perf_counter()
+    variants = args.variants
     _, chai = profile_model(loaded, ProfileOptions(calib=args.calib, samples=64, seq_len=512, kv_target=level),
                             progress=False)
     profile_s = time.perf_counter() - t0
     res = plan_model(loaded, PlanOptions(calib=args.calib, kv_target=level, refit=Refit.ALL, seq_len=args.plan_seq_len,
-                                         samples=args.plan_samples), progress=False)
+                                         samples=args.plan_samples, distill_steps=args.distill_steps),
+                     progress=False)
     plan_dir = out / tag
     plan_dir.mkdir(exist_ok=True)
     chai.write(plan_dir / "chai.json")
@@ -70,6 +72,8 @@ def worker(args: argparse.Namespace) -> None:
     refit.write(plan_dir / "plan.json")
     row = {"level": level, "profile_s": profile_s, "plan_report": res.report}
     for name, path in zip(VARIANTS, ("chai.json", "planned.json", "plan.json"), strict=True):
+        if name not in variants:
+            continue
         mapping = ClusterMapping.read(plan_dir / path)
         row[name] = {"summary": mapping.summary(), **_evaluate(args, loaded, mapping)}
     (out / f"{tag}.json").write_text(json.dumps(row))
@@ -88,15 +92,15 @@ def combine(args: argparse.Namespace) -> dict:
     rows = []
     for level in args.levels:
         row = json.loads((work / f"kv{round(100 * level):02d}.json").read_text())
-        for v in VARIANTS:
+        for v in args.variants:
             comp = {n: compare_task(task_metrics(n, k), full(orig, n), full(row[v], n)) for n, k in kinds.items()}
             row[v] = {"kv_cache_saving": row[v]["summary"]["kv_cache_saving"], "summary": row[v]["summary"],
                       "tasks": row[v]["tasks"], "comparison": comp,
                       "average_accuracy_change_points": average_accuracy_change(comp, kinds),
                       "wikitext2_ppl_change_pct": comp["wikitext2"]["ppl"]["delta"]}
         rows.append(row)
-    return {"model": args.model, "limit": args.limit, "calibration": args.calib, "device": args.device,
-            "command": " ".join(sys.argv), "original": {"tasks": orig["tasks"]}, "levels": rows}
+    return {"model": args.model, "variants": args.variants, "limit": args.limit, "calibration": args.calib,
+            "device": args.device, "command": " ".join(sys.argv), "original": {"tasks": orig["tasks"]}, "levels": rows}
 
 
 def markdown(result: dict) -> str:
@@ -104,11 +108,11 @@ def markdown(result: dict) -> str:
              f"8 tasks (at most {result['limit']} items each; COPA has 100), average accuracy change in points "
              "(acc_norm where defined) and WikiText-2 test perplexity change; calibration on "
              f"{result['calibration']}.", "", f"Command: `{result['command']}`", "",
-             "| KV saved | " + " | ".join(f"{v}: avg Δ acc / Δ ppl" for v in VARIANTS) + " |",
-             "|---|" + "---|" * len(VARIANTS)]
+             "| KV saved | " + " | ".join(f"{v}: avg Δ acc / Δ ppl" for v in result["variants"]) + " |",
+             "|---|" + "---|" * len(result["variants"])]
     for row in result["levels"]:
         cells = [f"{row[v]['average_accuracy_change_points']:+.2f} / {row[v]['wikitext2_ppl_change_pct']:+.1f}%"
-                 for v in VARIANTS]
+                 for v in result["variants"]]
         lines.append(f"| {100 * row['level']:.0f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -121,6 +125,8 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     for v, style in zip(VARIANTS, ("o-", "s-", "^-"), strict=True):
+        if v not in result["variants"]:
+            continue
         xs = [100 * r[v]["kv_cache_saving"] for r in result["levels"]]
         a.plot(xs, [r[v]["average_accuracy_change_points"] for r in result["levels"]], style, label=v)
         b.plot(xs, [r[v]["wikitext2_ppl_change_pct"] for r in result["levels"]], style, label=v)
@@ -146,14 +152,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--plan-seq-len", type=int, default=256, help="plan's calibration window length")
-    ap.add_argument("--plan-samples", type=int, default=8, help="plan's scoring windows")
+    ap.add_argument("--plan-seq-len", type=int, default=None, help="plan's calibration window length (plan's default)")
+    ap.add_argument("--plan-samples", type=int, default=4, help="plan's scoring windows")
+    ap.add_argument("--distill-steps", type=int, default=200, help="plan's end-to-end distillation steps (0: off)")
+    ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
+                    help=f"which of {','.join(VARIANTS)} to evaluate")
+    ap.add_argument("--combine-only", action="store_true",
+                    help="only combine the worker results already under OUT/work (levels run in separate calls)")
+    ap.add_argument("--skip-original", action="store_true", help="do not evaluate the original in this call")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.worker is not None:
         return worker(args)
-    jobs = ["original"] + [str(level) for level in args.levels]
+    jobs = [] if args.combine_only else (["original"] * (not args.skip_original)
+                                          + [str(level) for level in args.levels])
     t0 = time.perf_counter()
     running: list[tuple[str, subprocess.Popen]] = []
     failed = []
@@ -171,7 +184,8 @@ def main() -> None:
     if failed:
         sys.exit(f"frontier: workers failed: {failed}")
     result = combine(args)
-    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    if not args.combine_only:
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     (out / "frontier.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "frontier.md").write_text(markdown(result))

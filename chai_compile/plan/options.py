@@ -14,7 +14,7 @@ class Refit(enum.StrEnum):
     NONE = "none"
     OUTPUT = "output"  # W_o, closed form
     QUERIES = "queries"  # shared Q rows, KL fit
-    ALL = "all"  # queries, then W_o
+    ALL = "all"  # queries, then W_o, then end-to-end distillation (--distill-steps)
 
 
 @dataclasses.dataclass
@@ -31,6 +31,11 @@ class PlanOptions:
     per_round: int = 4  # K heads accepted per round (at most one per layer)
     refit: Refit = Refit.ALL
     query_steps: int = 150
+    # End-to-end distillation of the refit tensors after the layer-local refits (0: off). Trained on the
+    # reconstruction windows that are not scoring windows; the scoring windows pick the step kept.
+    distill_steps: int = 200
+    distill_batch: int = 4
+    distill_lr: float = 5e-5
     dense_layers: tuple[int, ...] = ()
     seed: int = 0
 
@@ -44,10 +49,13 @@ class PlanOptions:
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise ClusteringError("--max-ppl-increase must be above 0", value=self.max_ppl_increase,
                                   fix="pass a fraction such as 0.05 for at most 5% more perplexity")
-        for name in ("samples", "refit_samples", "seq_len", "batch_size", "per_round"):
+        for name in ("samples", "refit_samples", "seq_len", "batch_size", "per_round", "distill_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ClusteringError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
                                       fix=f"pass --{name.replace('_', '-')} 1 or more")
+        if self.distill_steps < 0:
+            raise ClusteringError("--distill-steps must be 0 (off) or more", value=self.distill_steps,
+                                  fix="pass --distill-steps 0 to skip distillation, or a step count such as 200")
         bad = [d for d in self.dense_layers if num_layers is not None and not 0 <= d < num_layers]
         if bad:
             raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=bad[0],

@@ -17,6 +17,7 @@ from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
+from chai_compile.plan.distill import distill
 from chai_compile.plan.options import PlanOptions, Refit
 from chai_compile.plan.refit import refit_output, refit_queries
 from chai_compile.plan.select import Scorer, head_errors, select
@@ -69,6 +70,10 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
         if opts.refit in (Refit.OUTPUT, Refit.ALL):
             fitted = refit_output(model, mods, windows, opts.batch_size, progress=progress)
             stages["output"] = _keep_if_better(scorer, stages, mods, ("o_weight",), t0, fitted=fitted)
+        if opts.refit == Refit.ALL and opts.distill_steps > 0:
+            run = distill(model, mods, windows[opts.samples :], scoring, opts.distill_batch, opts.distill_steps,
+                          lr=opts.distill_lr, progress=progress)
+            stages["distill"] = _stage(scorer, time.perf_counter() - t0, kept=run["kept_step"] > 0, **run)
         mapping = _mapping(info, mods, spec.group_size, opts, calib)
         weights = _weights(mods)
     dropped = rounds[-1].k_heads_dropped
