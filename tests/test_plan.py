@@ -20,7 +20,8 @@ from tests.conftest import STORIES
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")]
-FAST = ["--samples", "2", "--refit-samples", "4", "--seq-len", "64", "--query-steps", "10", "--per-round", "4"]
+FAST = ["--samples", "2", "--refit-samples", "4", "--seq-len", "64", "--query-steps", "10", "--per-round", "4",
+        "--distill-steps", "10"]
 
 
 
@@ -57,7 +58,12 @@ def test_plan_meets_the_budget_and_writes_its_report(planned):
     report = json.loads((planned / "plan_report.json").read_text())
     assert report["k_heads_dropped"] == 8 and report["target_met"]
     assert [r["k_heads_dropped"] for r in report["rounds"]] == [0, 4, 8]
-    assert set(report["stages"]) == {"selected", "queries", "output"}
+    assert set(report["stages"]) == {"selected", "queries", "output", "distill"}
+    distill = report["stages"]["distill"]
+    # the step kept is the best held-out KL; a kept stage lowers the KL the stage before it left
+    assert distill["kept_step"] == min(distill["curve"], key=lambda c: c["held_out_kl"])["step"]
+    if distill["kept"]:
+        assert distill["kl"] < report["stages"]["output"]["kl"]
     assert (planned / "plan_rounds.png").stat().st_size > 0
     assert "KV cache -20.0%" in (planned / "plan_report.md").read_text()
 

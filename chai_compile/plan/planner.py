@@ -53,7 +53,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
             f"--kv-target {opts.kv_target} cannot be met: every clustered layer keeps at least one K head, so the "
             f"best reachable is {100 * reachable / (2 * total_k):.1f}% KV saving",
             fix=f"pass --kv-target {reachable / (2 * total_k):.3f} or less, or keep fewer --dense-layers")
-    scorer = Scorer(model, scoring, opts.batch_size)  # the original's reference, before any swap
+    scorer = Scorer(model, scoring, opts.batch_size, opts.copy_weight)  # the original's reference, before any swap
     base_kl, base_ppl = scorer.measure()
     max_ppl = None if opts.max_ppl_increase is None else base_ppl * (1 + opts.max_ppl_increase)
     stages: dict[str, Any] = {}
@@ -72,7 +72,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
             stages["output"] = _keep_if_better(scorer, stages, mods, ("o_weight",), t0, fitted=fitted)
         if opts.refit == Refit.ALL and opts.distill_steps > 0:
             run = distill(model, mods, windows[opts.samples :], scoring, opts.distill_batch, opts.distill_steps,
-                          lr=opts.distill_lr, progress=progress)
+                          lr=opts.distill_lr, copy_weight=opts.copy_weight, progress=progress)
             stages["distill"] = _stage(scorer, time.perf_counter() - t0, kept=run["kept_step"] > 0, **run)
         mapping = _mapping(info, mods, spec.group_size, opts, calib)
         weights = _weights(mods)
