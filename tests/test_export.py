@@ -106,9 +106,9 @@ def test_dense_gqa_attention_reads_the_cache_unrepeated(portable, stories):
 def test_fused_graph_nodes_and_ort_parity(fused, stories):
     import onnx
 
-    from chai_compile import fused_op
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.export.validate import validate
+    from chai_compile.kernels import fused_op
 
     out, chai = fused
     onnx.checker.check_model(str(out / "model.onnx"))
@@ -148,7 +148,7 @@ def test_inplace_export_runs_on_the_compiled_op_with_shared_buffers(inplace, ort
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
     import onnx
 
-    from chai_compile import fused_op
+    from chai_compile.kernels import fused_op
 
     nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
              if n.op_type == fused_op.OP_TYPE]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chai_compile.errors import FingerprintMismatchError, MappingError
 from chai_compile.choices import LayerKind
+from chai_compile.errors import FingerprintMismatchError, MappingError
 from chai_compile.layout import check_offsets, cluster_layout
 from chai_compile.mapping import (
     Cluster,
@@ -153,7 +153,8 @@ def _v3(tmp_path, layers) -> ClusterMapping:
 def test_v3_round_trip_shared_and_span(tmp_path):
     spans = tuple(Span(4, 64 * (h + 1)) for h in range(8))
     m = ClusterMapping.build(_info(num_layers=3, qk_head_norms=()), [
-        LayerMapping(0, "dense"), LayerMapping(1, LayerKind.SHARED, source=0), LayerMapping(2, LayerKind.SPAN, spans=spans)])
+        LayerMapping(0, "dense"), LayerMapping(1, LayerKind.SHARED, source=0),
+        LayerMapping(2, LayerKind.SPAN, spans=spans)])
     assert m.schema_version == 3 and m.layers[1].kind is LayerKind.SHARED
     again = ClusterMapping.read(m.write(tmp_path / "v3.json"))
     assert again == m and again.layers[2].spans[1] == Span(4, 128)
