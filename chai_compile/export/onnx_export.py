@@ -23,7 +23,7 @@ from torch import nn
 
 from chai_compile.choices import DATA_NAME, DEFAULT_OPSET, GRAPH_NAME, AttentionForm, KVCacheMode
 from chai_compile.compat import model_forward, output_cache
-from chai_compile.errors import ExportError, root_cause
+from chai_compile.errors import ExportError, Terminated, root_cause
 from chai_compile.mapping import ClusterMapping
 
 # Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
@@ -290,6 +290,10 @@ def export_decoder(
                 optimize=True, verbose=False,
             )
     except Exception as e:  # the exporter raises many types, wrapped; the innermost one names the problem
+        # SIGTERM raises Terminated inside the exporter, which wraps it: it is a signal, not an export failure.
+        signal = next((x for x in _chain(e) if isinstance(x, Terminated)), None)
+        if signal is not None:
+            raise signal from None
         raise ExportError(f"torch.onnx.export failed ({attention} form): {root_cause(e)[:300]}",
                           fix="a model family or opset the exporter supports; CHAI_COMPILE_DEBUG=1 shows the "
                               "traceback") from e
@@ -308,6 +312,15 @@ def export_decoder(
         for param in model.parameters():
             param.data = torch.empty(0, dtype=param.dtype)
     return ExportResult(path, DATA_NAME, spec, in_names, out_names, time.perf_counter() - t0)
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
 
 
 def provenance_metadata(mapping: ClusterMapping | None, *, source: str, attention: str, dtype: str, opset: int,
