@@ -135,13 +135,14 @@ class LayerSpec:
         """A clustered layer of a mapping JSON, through the mapping's own fused layout (cluster order kept)."""
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))  # run as a script from a checkout without `pip install -e .`
+        from chai_compile.layout import cluster_layout
         from chai_compile.mapping import ClusterMapping
 
         mapping = ClusterMapping.read(path)
         if mapping.layer(layer).kind != "clustered":
             raise SystemExit(f"layer {layer} of {path} is dense; pick a clustered layer")
         m = mapping.model
-        lay = mapping.fused_layout(layer)
+        lay = cluster_layout(mapping, layer)
         clusters = []
         for c in range(len(lay.cluster_offsets) - 1):
             heads = lay.permutation[lay.cluster_offsets[c]:lay.cluster_offsets[c + 1]]

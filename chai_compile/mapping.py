@@ -1,33 +1,45 @@
-"""The cluster mapping: a typed, versioned, validated record of which heads share attention.
+"""The plan (the cluster mapping grown up): a typed, versioned, validated record of what each layer does.
 
-One writer (`ClusterMapping.write`) and one reader (`ClusterMapping.read`). The JSON form is
-documented in docs/mapping-format.md. Everything the reader accepts has been validated: head
-indices in range, every head in exactly one cluster, representatives inside their clusters, the
-derived K-cache heads consistent, and (via `check_model`) the model fingerprint.
+One writer (`ClusterMapping.write`) and one reader (`ClusterMapping.read`); the JSON form, its versions
+and its checks live in `mapping_schema` and are documented in docs/mapping-format.md. Everything the
+reader accepts has been validated: head indices in range, every head in exactly one cluster,
+representatives inside their clusters, the derived K-cache heads consistent, a shared layer's source
+earlier and computing its own probabilities, spans well formed, and (via `check_model`) the model
+fingerprint. `plan_sha256` fingerprints the plan itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from chai_compile.choices import LayerKind, Membership
 from chai_compile.errors import FingerprintMismatchError, MappingError
 from chai_compile.fileio import atomic_write_text
 
 FORMAT = "chai-compile/cluster-mapping"
+# A plan is written with the lowest version that carries everything in it, so a reader that knows only an
+# older version still reads what it fully understands and refuses (by number) what it would silently drop:
+# 1: dense and clustered layers; 2: + refit weights; 3: + shared and span layers.
 SCHEMA_VERSION = 1
-# Version 2 adds a reference to refit weights; a plan without weights is still written as version 1,
-# and a reader that only knows version 1 refuses a plan whose weights it would silently ignore.
 SCHEMA_VERSION_WEIGHTS = 2
-# Layer kinds this schema version can carry. "shared" (cross-layer reuse of attention
-# probabilities) is reserved for a later version; readers of v1 reject it by name.
-LAYER_KINDS = ("dense", "clustered")
-RESERVED_LAYER_KINDS = ("shared",)
+SCHEMA_VERSION_KINDS = 3
+SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS, SCHEMA_VERSION_KINDS)
+# Kinds this version's rewrite and export carry out; shared and span layers are read and validated, and
+# refused by `require_supported` until their transforms exist.
+SUPPORTED_KINDS = (LayerKind.DENSE, LayerKind.CLUSTERED)
+
+
+class UnsupportedLayerKindError(MappingError):
+    """A valid plan asks for a layer transform this version cannot carry out."""
+
+    default_fix = "use a plan with only dense and clustered layers"
 
 
 @dataclass(frozen=True)
@@ -67,40 +79,44 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Span:
+    """One head's attention span: the first `sinks` tokens plus the last `window` tokens."""
+
+    sinks: int
+    window: int
+
+
+@dataclass(frozen=True)
 class LayerMapping:
+    """One layer of the plan. `clusters` for CLUSTERED; `source` (an earlier layer whose probabilities it
+    reuses) for SHARED; `spans` (one per query head) for SPAN; nothing for DENSE."""
+
     index: int
-    kind: Literal["dense", "clustered"]
+    kind: LayerKind
     clusters: tuple[Cluster, ...] = ()
+    source: int | None = None
+    spans: tuple[Span, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, LayerKind) and self.kind in LayerKind.values():
+            object.__setattr__(self, "kind", LayerKind(self.kind))  # a plain string from older callers
 
     @property
     def num_clusters(self) -> int:
         return len(self.clusters)
 
     def representatives(self, num_heads: int) -> list[int]:
-        if self.kind == "dense":
-            return list(range(num_heads))
-        return [cl.representative for cl in self.clusters]
+        """Query heads that compute scores: none for a shared layer (it reuses its source's)."""
+        if self.kind == LayerKind.CLUSTERED:
+            return [cl.representative for cl in self.clusters]
+        return [] if self.kind == LayerKind.SHARED else list(range(num_heads))
 
     def kept_k_heads(self, num_heads: int, num_kv_heads: int) -> list[int]:
-        """KV heads whose keys some representative reads (all of them for a dense layer)."""
-        if self.kind == "dense":
-            return list(range(num_kv_heads))
-        group = num_heads // num_kv_heads
-        return sorted({cl.representative // group for cl in self.clusters})
-
-
-@dataclass(frozen=True)
-class FusedLayout:
-    """Contiguous-cluster layout for fused kernels and the fused ONNX node.
-
-    Query heads are permuted so each cluster is one range `[offsets[c], offsets[c+1])`; the
-    output projection's input columns are permuted the same way, which is exact.
-    """
-
-    permutation: tuple[int, ...]  # permuted position -> original query head
-    cluster_offsets: tuple[int, ...]  # C + 1 entries
-    k_head_index: tuple[int, ...]  # per cluster: index into the layer's kept K heads
-    v_head_index: tuple[int, ...]  # per permuted query head: index into the V heads
+        """KV heads whose keys some representative reads (all of them for a dense or span layer)."""
+        if self.kind == LayerKind.CLUSTERED:
+            group = num_heads // num_kv_heads
+            return sorted({cl.representative // group for cl in self.clusters})
+        return [] if self.kind == LayerKind.SHARED else list(range(num_kv_heads))
 
 
 @dataclass(frozen=True)
@@ -118,7 +134,8 @@ class ClusterMapping:
     def kept_k_heads(self, index: int) -> list[int]:
         return self.layers[index].kept_k_heads(self.model.num_heads, self.model.num_kv_heads)
 
-    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = "static") -> list[tuple[int, int]]:
+    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = Membership.STATIC
+                    ) -> list[tuple[int, int]]:
         """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length).
 
         K holds the kept KV heads under static membership (every KV head under dynamic, whose
@@ -126,30 +143,9 @@ class ClusterMapping:
         """
         m = self.model
         per_head = tokens * m.head_dim * elem_bytes
-        k_heads = [m.num_kv_heads if membership == "dynamic" else len(self.kept_k_heads(i))
+        k_heads = [m.num_kv_heads if membership == Membership.DYNAMIC else len(self.kept_k_heads(i))
                    for i in range(m.num_layers)]
         return [(k * per_head, m.num_kv_heads * per_head) for k in k_heads]
-
-    def fused_layout(self, index: int) -> FusedLayout:
-        m = self.model
-        lm = self.layers[index]
-        group = m.group_size
-        clusters = lm.clusters if lm.kind == "clustered" else tuple(
-            Cluster((h,), h) for h in range(m.num_heads)
-        )
-        kept = lm.kept_k_heads(m.num_heads, m.num_kv_heads)
-        perm: list[int] = []
-        offsets = [0]
-        for cl in clusters:
-            # representative first: kernels that want one head's q per cluster find it at offset
-            perm.extend([cl.representative] + [h for h in cl.members if h != cl.representative])
-            offsets.append(len(perm))
-        return FusedLayout(
-            permutation=tuple(perm),
-            cluster_offsets=tuple(offsets),
-            k_head_index=tuple(kept.index(cl.representative // group) for cl in clusters),
-            v_head_index=tuple(h // group for h in perm),
-        )
 
     @property
     def origin(self) -> str:
@@ -158,6 +154,28 @@ class ClusterMapping:
         if self.weights is not None:
             return "planned+refit"
         return "planned" if self.provenance.get("planner") else "profile"
+
+    @property
+    def schema_version(self) -> int:
+        """The lowest schema version that carries this plan (see SCHEMA_VERSIONS)."""
+        if any(lm.kind not in SUPPORTED_KINDS for lm in self.layers):
+            return SCHEMA_VERSION_KINDS
+        return SCHEMA_VERSION_WEIGHTS if self.weights else SCHEMA_VERSION
+
+    def plan_sha256(self) -> str:
+        """Fingerprint of what the plan does (model identity, layers, weights reference), provenance aside."""
+        doc = self.to_dict()
+        doc.pop("provenance")
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def require_supported(self, what: str) -> None:
+        """Raise UnsupportedLayerKindError naming the first layer whose kind `what` cannot carry out."""
+        for lm in self.layers:
+            if lm.kind not in SUPPORTED_KINDS:
+                raise UnsupportedLayerKindError(
+                    f"layer {lm.index}: {what} of a {lm.kind} layer is not supported by this version; it reads "
+                    f"and validates such plans, and carries out {', '.join(SUPPORTED_KINDS)} layers",
+                    value=str(lm.kind))
 
     def summary(self) -> dict[str, Any]:
         """Head and cache counts: what the mapping removes from the model."""
@@ -173,7 +191,7 @@ class ClusterMapping:
         chai = total_kv + k_heads
         return {
             "layers": m.num_layers,
-            "clustered_layers": sum(lm.kind == "clustered" for lm in self.layers),
+            "clustered_layers": sum(lm.kind == LayerKind.CLUSTERED for lm in self.layers),
             "query_heads_total": total_q,
             "score_heads_kept": q_heads,
             "k_heads_total": total_kv,
@@ -194,12 +212,12 @@ class ClusterMapping:
         """Canonicalise (sorted members, clusters by first member) and validate."""
         canon = []
         for lm in layers:
-            if lm.kind == "clustered":
+            if lm.kind == LayerKind.CLUSTERED:
                 cls_sorted = sorted(
                     (Cluster(tuple(sorted(c.members)), c.representative) for c in lm.clusters),
                     key=lambda c: c.members[0] if c.members else -1,
                 )
-                lm = LayerMapping(lm.index, "clustered", tuple(cls_sorted))
+                lm = dataclasses.replace(lm, clusters=tuple(cls_sorted))
             canon.append(lm)
         mapping = cls(model, tuple(canon), dict(provenance or {}))
         mapping.validate()
@@ -209,66 +227,16 @@ class ClusterMapping:
     def identity(cls, model: ModelInfo, provenance: dict[str, Any] | None = None) -> ClusterMapping:
         """Every head its own cluster in every layer: must reproduce the original model."""
         layers = [
-            LayerMapping(i, "clustered", tuple(Cluster((h,), h) for h in range(model.num_heads)))
+            LayerMapping(i, LayerKind.CLUSTERED, tuple(Cluster((h,), h) for h in range(model.num_heads)))
             for i in range(model.num_layers)
         ]
         return cls.build(model, layers, provenance or {"kind": "identity"})
 
-    # ---- validation ----------------------------------------------------------------------
     def validate(self) -> None:
-        from chai_compile.mapping_schema import LIMITS
+        """Raise MappingError (with the offending value) unless the plan is consistent with its model."""
+        from chai_compile.mapping_schema import validate_plan
 
-        m = self.model
-        for name, hi in LIMITS.items():
-            if not 1 <= getattr(m, name) <= hi:
-                raise MappingError(f"model.{name} must be in 1..{hi}", value=getattr(m, name))
-        if m.num_heads <= 0 or m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
-            raise MappingError(
-                "model.num_heads must be a positive multiple of model.num_kv_heads",
-                value=(m.num_heads, m.num_kv_heads),
-            )
-        if len(self.layers) != m.num_layers:
-            raise MappingError(
-                f"mapping has {len(self.layers)} layers but the model has {m.num_layers}",
-                value=len(self.layers),
-                fix="re-run `chai-compile profile` on this model",
-            )
-        for i, lm in enumerate(self.layers):
-            where = f"layer {i}"
-            if lm.index != i:
-                raise MappingError(f"{where}: index field is {lm.index}, expected {i}", value=lm.index)
-            if lm.kind == "dense":
-                if lm.clusters:
-                    raise MappingError(f"{where}: a dense layer must not list clusters")
-                continue
-            if lm.kind != "clustered":
-                raise MappingError(f"{where}: unknown layer kind", value=lm.kind)
-            if not lm.clusters:
-                raise MappingError(f"{where}: a clustered layer needs at least one cluster")
-            seen: dict[int, int] = {}
-            for c, cl in enumerate(lm.clusters):
-                if not cl.members:
-                    raise MappingError(f"{where} cluster {c}: no members")
-                for h in cl.members:
-                    if not isinstance(h, int) or not 0 <= h < m.num_heads:
-                        raise MappingError(
-                            f"{where} cluster {c}: head index out of range 0..{m.num_heads - 1}", value=h
-                        )
-                    if h in seen:
-                        raise MappingError(
-                            f"{where}: head {h} is in clusters {seen[h]} and {c}; each head belongs to "
-                            "exactly one cluster",
-                            value=h,
-                        )
-                    seen[h] = c
-                if cl.representative not in cl.members:
-                    raise MappingError(
-                        f"{where} cluster {c}: representative is not a member of its cluster",
-                        value=cl.representative,
-                    )
-            if len(seen) != m.num_heads:
-                missing = [h for h in range(m.num_heads) if h not in seen]
-                raise MappingError(f"{where}: heads in no cluster", value=missing[:16])
+        validate_plan(self)
 
     def check_model(self, other: ModelInfo) -> None:
         """Refuse to apply this mapping to a model it was not profiled on."""
@@ -298,31 +266,11 @@ class ClusterMapping:
             fix="profile this checkpoint with `chai-compile profile` and use that mapping",
         )
 
-    # ---- JSON ------------------------------------------------------------------------------
+    # ---- JSON: the one writer and the one reader -----------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        m = self.model
-        weights = {"weights": {"file": self.weights.file, "sha256": self.weights.sha256}} if self.weights else {}
-        return {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION_WEIGHTS if self.weights else SCHEMA_VERSION,
-            "model": {
-                "architecture": m.architecture,
-                "model_type": m.model_type,
-                "num_layers": m.num_layers,
-                "num_heads": m.num_heads,
-                "num_kv_heads": m.num_kv_heads,
-                "head_dim": m.head_dim,
-                "hidden_size": m.hidden_size,
-                "fingerprint": {
-                    "config_sha256": m.config_sha256,
-                    "qk_sha256": m.qk_sha256,
-                    "qk_head_norms": [list(r) for r in m.qk_head_norms],
-                },
-            },
-            "layers": [_layer_to_dict(lm, m) for lm in self.layers],
-            "provenance": self.provenance,
-            **weights,
-        }
+        from chai_compile.mapping_schema import to_document
+
+        return to_document(self)
 
     def to_json(self) -> str:
         text = json.dumps(self.to_dict(), indent=1)
@@ -358,17 +306,6 @@ class ClusterMapping:
                     value=d["kept_k_heads"],
                 )
         return mapping
-
-
-def _layer_to_dict(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
-    if lm.kind == "dense":
-        return {"index": lm.index, "kind": "dense"}
-    return {
-        "index": lm.index,
-        "kind": "clustered",
-        "clusters": [{"members": list(c.members), "representative": c.representative} for c in lm.clusters],
-        "kept_k_heads": lm.kept_k_heads(m.num_heads, m.num_kv_heads),
-    }
 
 
 def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rtol: float = 2e-3) -> bool:

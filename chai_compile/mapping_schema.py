@@ -1,4 +1,5 @@
-"""The one validator of mapping JSON: every field's type and size is checked here, before anything is built.
+"""The plan's JSON form: the one parser (every field's type and size checked before anything is built),
+the one writer of the document, and the one semantic validator of a plan.
 
 Why sizes first: a 4 KB file may claim 10^12 heads; nothing may be allocated from a claimed size until it
 is bounded (LIMITS) and agrees with what the file actually lists.
@@ -10,16 +11,19 @@ import math
 import re
 from typing import Any
 
+from chai_compile.choices import LayerKind
 from chai_compile.errors import MappingError
 from chai_compile.mapping import (
     FORMAT,
-    LAYER_KINDS,
-    RESERVED_LAYER_KINDS,
-    SCHEMA_VERSION,
+    SCHEMA_VERSION_KINDS,
     SCHEMA_VERSION_WEIGHTS,
+    SCHEMA_VERSIONS,
+    SUPPORTED_KINDS,
     Cluster,
+    ClusterMapping,
     LayerMapping,
     ModelInfo,
+    Span,
     WeightsRef,
 )
 
@@ -107,20 +111,37 @@ def _norms(rows: Any, layers: int, per_layer: int) -> tuple[tuple[float, ...], .
     return tuple(out)
 
 
-def parse_layer(d: Any, i: int, model: ModelInfo) -> LayerMapping:
+def parse_layer(d: Any, i: int, model: ModelInfo, version: int) -> LayerMapping:
     where = f"layer {i}"
     d = _obj(d, where)
     kind = d.get("kind")
-    if kind in RESERVED_LAYER_KINDS:
-        raise MappingError(f"{where}: layer kind {kind!r} is reserved and not supported by schema "
-                           f"version {SCHEMA_VERSION}", value=kind)
-    if kind not in LAYER_KINDS:
-        raise MappingError(f"{where}: unknown layer kind; expected one of {', '.join(LAYER_KINDS)}", value=_short(kind))
+    if kind in LayerKind.values() and kind not in SUPPORTED_KINDS and version < SCHEMA_VERSION_KINDS:
+        raise MappingError(f"{where}: layer kind {kind!r} is reserved in schema version {version}; it needs "
+                           f"schema_version {SCHEMA_VERSION_KINDS}", value=kind)
+    if kind not in LayerKind.values():
+        raise MappingError(f"{where}: unknown layer kind; expected one of {', '.join(LayerKind.values())}",
+                           value=_short(kind))
     index = _int(d, "index", where)
-    if kind == "dense":
-        if d.get("clusters"):
-            raise MappingError(f"{where}: a dense layer must not list clusters")
-        return LayerMapping(index, "dense")
+    for key, owner in (("clusters", LayerKind.CLUSTERED), ("source", LayerKind.SHARED), ("spans", LayerKind.SPAN)):
+        if kind != owner and d.get(key) is not None and d.get(key) != []:
+            raise MappingError(f"{where}: a {kind} layer must not list {key}")
+    if kind == LayerKind.DENSE:
+        return LayerMapping(index, LayerKind.DENSE)
+    if kind == LayerKind.SHARED:
+        return LayerMapping(index, LayerKind.SHARED, source=_int(d, "source", where, 0, model.num_layers - 1))
+    if kind == LayerKind.SPAN:
+        raw = _list(d, "spans", where)
+        if len(raw) != model.num_heads:
+            raise MappingError(f"{where}: a span layer lists one span per query head ({model.num_heads})",
+                               value=len(raw))
+        spans = [_obj(sd, f"{where} span {h}") for h, sd in enumerate(raw)]
+        return LayerMapping(index, LayerKind.SPAN, spans=tuple(
+            Span(_int(sd, "sinks", f"{where} span {h}", 0), _int(sd, "window", f"{where} span {h}", 1))
+            for h, sd in enumerate(spans)))
+    return LayerMapping(index, LayerKind.CLUSTERED, _parse_clusters(d, where, model))
+
+
+def _parse_clusters(d: dict[str, Any], where: str, model: ModelInfo) -> tuple[Cluster, ...]:
     raw = _list(d, "clusters", where)
     if not 1 <= len(raw) <= model.num_heads:
         raise MappingError(f"{where}: a clustered layer needs 1..{model.num_heads} clusters", value=len(raw))
@@ -146,7 +167,7 @@ def parse_layer(d: Any, i: int, model: ModelInfo) -> LayerMapping:
                                value=_short(kept))
         for k in kept:
             _int_value(k, f"{where}: kept_k_heads entry", 0, model.num_kv_heads - 1)
-    return LayerMapping(index, "clustered", tuple(clusters))
+    return tuple(clusters)
 
 
 def parse_weights(data: dict[str, Any], version: int) -> WeightsRef | None:
@@ -154,8 +175,9 @@ def parse_weights(data: dict[str, Any], version: int) -> WeightsRef | None:
     ref = data.get("weights")
     if ref is None:
         return None
-    if version != SCHEMA_VERSION_WEIGHTS:
-        raise MappingError(f"a weights reference needs schema_version {SCHEMA_VERSION_WEIGHTS}", value=version)
+    if version < SCHEMA_VERSION_WEIGHTS:
+        raise MappingError(f"a weights reference needs schema_version {SCHEMA_VERSION_WEIGHTS} or later",
+                           value=version)
     ref = _obj(ref, "weights")
     file, digest = _str(ref, "file", "weights"), _str(ref, "sha256", "weights")
     if not _SHA256.match(digest) or "/" in file or "\\" in file or file in ("", ".", ".."):
@@ -170,9 +192,9 @@ def parse_document(data: Any, source: str) -> tuple[ModelInfo, list[LayerMapping
         raise MappingError(f"{source} is not a chai-compile cluster mapping (format field missing)",
                            value=_short(data.get("format") if isinstance(data, dict) else type(data).__name__))
     version = data.get("schema_version")
-    if isinstance(version, bool) or version not in (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS):
+    if isinstance(version, bool) or version not in SCHEMA_VERSIONS:
         raise MappingError(f"{source}: schema_version {version!r} is not supported; this chai-compile reads "
-                           f"versions {SCHEMA_VERSION} and {SCHEMA_VERSION_WEIGHTS}",
+                           f"versions {', '.join(map(str, SCHEMA_VERSIONS))}",
                            fix="use the chai-compile version that wrote it, or re-run profile")
     try:
         model = parse_model(_get(data, "model", source))
@@ -180,7 +202,7 @@ def parse_document(data: Any, source: str) -> tuple[ModelInfo, list[LayerMapping
         if len(layers_raw) != model.num_layers:
             raise MappingError(f"mapping has {len(layers_raw)} layers but the model has {model.num_layers}",
                                value=len(layers_raw), fix="re-run `chai-compile profile` on this model")
-        layers = [parse_layer(d, i, model) for i, d in enumerate(layers_raw)]
+        layers = [parse_layer(d, i, model, version) for i, d in enumerate(layers_raw)]
         provenance = data.get("provenance")
         if provenance is not None and not isinstance(provenance, dict):
             raise MappingError("field 'provenance' must be an object", value=_short(provenance))
@@ -190,3 +212,115 @@ def parse_document(data: Any, source: str) -> tuple[ModelInfo, list[LayerMapping
             e = MappingError(f"{source}: {e.reason}", value=e.value, fix=e.fix)
         raise e from None
     return model, layers, dict(provenance or {}), weights
+
+
+def to_document(plan: ClusterMapping) -> dict[str, Any]:
+    """The JSON document of a plan (what `ClusterMapping.write` writes), at the plan's schema version."""
+    m = plan.model
+    weights = {"weights": {"file": plan.weights.file, "sha256": plan.weights.sha256}} if plan.weights else {}
+    return {
+        "format": FORMAT,
+        "schema_version": plan.schema_version,
+        "model": {
+            "architecture": m.architecture,
+            "model_type": m.model_type,
+            "num_layers": m.num_layers,
+            "num_heads": m.num_heads,
+            "num_kv_heads": m.num_kv_heads,
+            "head_dim": m.head_dim,
+            "hidden_size": m.hidden_size,
+            "fingerprint": {
+                "config_sha256": m.config_sha256,
+                "qk_sha256": m.qk_sha256,
+                "qk_head_norms": [list(r) for r in m.qk_head_norms],
+            },
+        },
+        "layers": [_layer_document(lm, m) for lm in plan.layers],
+        "provenance": plan.provenance,
+        **weights,
+    }
+
+
+def _layer_document(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
+    head = {"index": lm.index, "kind": str(lm.kind)}
+    if lm.kind == LayerKind.SHARED:
+        return {**head, "source": lm.source}
+    if lm.kind == LayerKind.SPAN:
+        return {**head, "spans": [{"sinks": sp.sinks, "window": sp.window} for sp in lm.spans]}
+    if lm.kind == LayerKind.DENSE:
+        return head
+    return {
+        **head,
+        "clusters": [{"members": list(c.members), "representative": c.representative} for c in lm.clusters],
+        "kept_k_heads": lm.kept_k_heads(m.num_heads, m.num_kv_heads),
+    }
+
+
+def validate_plan(plan: ClusterMapping) -> None:
+    """Raise MappingError (carrying the offending value) unless every layer is consistent with the model."""
+    m = plan.model
+    for name, hi in LIMITS.items():
+        if not 1 <= getattr(m, name) <= hi:
+            raise MappingError(f"model.{name} must be in 1..{hi}", value=getattr(m, name))
+    if m.num_heads <= 0 or m.num_kv_heads <= 0 or m.num_heads % m.num_kv_heads:
+        raise MappingError("model.num_heads must be a positive multiple of model.num_kv_heads",
+                           value=(m.num_heads, m.num_kv_heads))
+    if len(plan.layers) != m.num_layers:
+        raise MappingError(f"mapping has {len(plan.layers)} layers but the model has {m.num_layers}",
+                           value=len(plan.layers), fix="re-run `chai-compile profile` on this model")
+    for i, lm in enumerate(plan.layers):
+        where = f"layer {i}"
+        if lm.index != i:
+            raise MappingError(f"{where}: index field is {lm.index}, expected {i}", value=lm.index)
+        if lm.kind not in LayerKind.values():
+            raise MappingError(f"{where}: unknown layer kind", value=lm.kind)
+        for key, owner in (("clusters", LayerKind.CLUSTERED), ("source", LayerKind.SHARED), ("spans", LayerKind.SPAN)):
+            if lm.kind != owner and getattr(lm, key) not in (None, ()):
+                raise MappingError(f"{where}: a {lm.kind} layer must not list {key}")
+        if lm.kind == LayerKind.SHARED:
+            _check_source(plan, i, lm.source)
+        elif lm.kind == LayerKind.SPAN:
+            _check_spans(where, lm.spans, m.num_heads)
+        elif lm.kind == LayerKind.CLUSTERED:
+            _check_clusters(where, lm.clusters, m.num_heads)
+
+
+def _check_source(plan: ClusterMapping, i: int, source: int | None) -> None:
+    """A shared layer reuses the probabilities of an earlier layer that computes its own."""
+    if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < i:
+        raise MappingError(f"layer {i}: a shared layer's source must be an earlier layer (0..{i - 1})", value=source)
+    if plan.layers[source].kind == LayerKind.SHARED:
+        raise MappingError(f"layer {i}: source layer {source} is itself shared; name the layer that computes "
+                           "the probabilities", value=source)
+
+
+def _check_spans(where: str, spans: tuple[Span, ...], num_heads: int) -> None:
+    if len(spans) != num_heads:
+        raise MappingError(f"{where}: a span layer lists one span per query head ({num_heads})", value=len(spans))
+    for h, sp in enumerate(spans):
+        if isinstance(sp.sinks, bool) or not isinstance(sp.sinks, int) or sp.sinks < 0:
+            raise MappingError(f"{where} head {h}: sinks must be an integer >= 0", value=sp.sinks)
+        if isinstance(sp.window, bool) or not isinstance(sp.window, int) or sp.window < 1:
+            raise MappingError(f"{where} head {h}: window must be an integer >= 1", value=sp.window)
+
+
+def _check_clusters(where: str, clusters: tuple[Cluster, ...], num_heads: int) -> None:
+    if not clusters:
+        raise MappingError(f"{where}: a clustered layer needs at least one cluster")
+    seen: dict[int, int] = {}
+    for c, cl in enumerate(clusters):
+        if not cl.members:
+            raise MappingError(f"{where} cluster {c}: no members")
+        for h in cl.members:
+            if not isinstance(h, int) or not 0 <= h < num_heads:
+                raise MappingError(f"{where} cluster {c}: head index out of range 0..{num_heads - 1}", value=h)
+            if h in seen:
+                raise MappingError(f"{where}: head {h} is in clusters {seen[h]} and {c}; each head belongs to "
+                                   "exactly one cluster", value=h)
+            seen[h] = c
+        if cl.representative not in cl.members:
+            raise MappingError(f"{where} cluster {c}: representative is not a member of its cluster",
+                               value=cl.representative)
+    if len(seen) != num_heads:
+        missing = [h for h in range(num_heads) if h not in seen]
+        raise MappingError(f"{where}: heads in no cluster", value=missing[:16])

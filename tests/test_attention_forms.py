@@ -89,9 +89,9 @@ def test_check_fails_loudly_on_wrong_graph():
 
 
 def test_reference_matches_contract_reference():
-    """The benchmark's numpy reference agrees with chai_compile.fused_op's (the exporter's contract)."""
+    """The benchmark's numpy reference agrees with chai_compile.kernels.fused_op (the exporter's contract)."""
     torch = pytest.importorskip("torch")
-    from chai_compile.fused_op import clustered_attention_reference, node_attributes
+    from chai_compile.kernels.fused_op import clustered_attention_reference, node_attributes
 
     spec = SPECS["gqa_shared_k"]
     case = _case(spec, 3)

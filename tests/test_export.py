@@ -103,12 +103,14 @@ def test_dense_gqa_attention_reads_the_cache_unrepeated(portable, stories):
         assert node.input[1] in outputs and node.input[2] in outputs, list(node.input[:3])
 
 
-def test_fused_graph_nodes_and_ort_parity(fused, stories):
+def test_fused_graph_nodes_and_ort_parity(fused, stories, mapping_file):
     import onnx
 
-    from chai_compile import fused_op
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.export.validate import validate
+    from chai_compile.kernels import fused_op
+    from chai_compile.layout import cluster_layout
+    from chai_compile.mapping import ClusterMapping
 
     out, chai = fused
     onnx.checker.check_model(str(out / "model.onnx"))
@@ -118,6 +120,12 @@ def test_fused_graph_nodes_and_ort_parity(fused, stories):
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
     assert attrs["plugin_namespace"] == b"chai"
     fused_op.validate_attributes({k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()})
+    mapping = ClusterMapping.read(mapping_file)
+    for layer, node in zip(range(1, 5), nodes, strict=True):  # the graph's indices are the layout's
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
+        lay = cluster_layout(mapping, layer)
+        assert (a["cluster_offsets"], a["k_head_index"], a["v_head_index"]) == (
+            list(lay.cluster_offsets), list(lay.k_head_index), list(lay.v_head_index))
     producers = {o: n for n in model.graph.node for o in n.output}
     assert producers[nodes[0].input[5]].op_type == "Cast"  # int64 mask -> int32 at the node (contract)
     report = validate(chai, OrtDecoder(out), stories.tokenizer)
@@ -148,7 +156,7 @@ def test_inplace_export_runs_on_the_compiled_op_with_shared_buffers(inplace, ort
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
     import onnx
 
-    from chai_compile import fused_op
+    from chai_compile.kernels import fused_op
 
     nodes = [n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
              if n.op_type == fused_op.OP_TYPE]

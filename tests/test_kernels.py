@@ -1,4 +1,4 @@
-"""Clustered-attention kernels: the float64 reference against a naive per-head loop (CPU), and the
+"""Clustered-attention kernels: the float64 reference against torch's own attention per head (CPU), and the
 Triton decode / prefill kernels against the reference with fresh random inputs, poisoned outputs
 and padding, lengths that are not multiples of the block size, MHA and GQA (GPU).
 
@@ -65,35 +65,30 @@ def gqa_mapping(sizes: list[int], num_kv: int, group: int, seed: int = 0):
 # ------------------------------------------------------------------ reference vs naive (CPU) ---
 
 
+def sdpa_oracle(q, k, v, allowed, offs, kidx, vidx, scale):
+    """Per permuted head, torch's own scaled_dot_product_attention in float64: an implementation of the
+    math independent of kernels/reference.py. q [B, C, S, d], allowed [B, S, T] -> [B, H, S, d]."""
+    heads = []
+    for c in range(len(kidx)):
+        for i in range(offs[c], offs[c + 1]):
+            heads.append(torch.nn.functional.scaled_dot_product_attention(
+                q[:, c].double(), k[:, kidx[c]].double(), v[:, vidx[i]].double(), attn_mask=allowed, scale=scale))
+    return torch.stack(heads, dim=1)
+
+
 def naive_decode(q, k, v, lengths, offs, kidx, vidx, scale, span=None, sinks=0):
-    batch, _, d = q.shape
-    heads = offs[-1]
-    out = torch.zeros(batch, heads, d, dtype=torch.float64)
-    for b in range(batch):
-        for c in range(len(kidx)):
-            keys = [
-                t for t in range(int(lengths[b])) if span is None or t < sinks or int(span[b, 0]) <= t < int(span[b, 1])
-            ]
-            if not keys:
-                continue
-            s = torch.stack([q[b, c].double() @ k[b, kidx[c], t].double() for t in keys]) * scale
-            p = torch.softmax(s, 0)
-            for i in range(offs[c], offs[c + 1]):
-                out[b, i] = sum(p[j] * v[b, vidx[i], t].double() for j, t in enumerate(keys))
-    return out
+    t = torch.arange(k.shape[2])[None, :]
+    allowed = t < lengths[:, None]
+    if span is not None:
+        allowed &= (t < sinks) | ((t >= span[:, :1]) & (t < span[:, 1:]))
+    return sdpa_oracle(q[:, :, None], torch.nan_to_num(k), torch.nan_to_num(v), allowed[:, None], offs, kidx, vidx,
+                       scale)[:, :, 0]
 
 
 def naive_prefill(q, k, v, offs, kidx, vidx, scale, causal):
-    batch, _, seq, d = q.shape
-    out = torch.zeros(batch, offs[-1], seq, d, dtype=torch.float64)
-    for b in range(batch):
-        for c in range(len(kidx)):
-            for i in range(seq):
-                n = i + 1 if causal else seq
-                p = torch.softmax((k[b, kidx[c], :n].double() @ q[b, c, i].double()) * scale, 0)
-                for h in range(offs[c], offs[c + 1]):
-                    out[b, h, i] = p @ v[b, vidx[h], :n].double()
-    return out
+    seq = q.shape[2]
+    allowed = torch.ones(seq, seq, dtype=torch.bool)
+    return sdpa_oracle(q, k, v, (allowed.tril() if causal else allowed)[None], offs, kidx, vidx, scale)
 
 
 @pytest.mark.parametrize("gqa", [False, True])

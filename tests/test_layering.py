@@ -1,6 +1,7 @@
 """The pipeline's import directions: a stage may import earlier stages, never a later one.
 
-    base -> model description -> profile -> plan -> kernels -> rewrite -> export/runtime -> verify -> cli
+    base -> model description, plan format, layout -> profile -> plan -> kernels (math, op contract)
+         -> rewrite -> export/runtime -> verify -> cli
 
 Every module of the package must be placed in a stage here; a new module without one fails the test.
 """
@@ -8,6 +9,11 @@ Every module of the package must be placed in a stage here; a new module without
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -15,10 +21,10 @@ PACKAGE = REPO / "chai_compile"
 # first component of the module path under chai_compile -> stage rank
 STAGES = {
     **dict.fromkeys(["chai_compile", "errors", "choices", "compat", "fileio", "cli_parse", "loading"], 0),
-    **dict.fromkeys(["adapters", "mapping", "mapping_schema", "fingerprint"], 1),
+    **dict.fromkeys(["adapters", "mapping", "mapping_schema", "fingerprint", "layout"], 1),
     "profile": 2,
     "plan": 3,
-    **dict.fromkeys(["kernels", "fused_op"], 4),
+    "kernels": 4,
     "rewrite": 5,
     **dict.fromkeys(["export", "export_tensorrt", "runtime"], 6),
     "verify": 7,
@@ -68,3 +74,37 @@ def test_the_check_sees_a_backward_import():
     tree = ast.parse("def f():\n    from chai_compile.verify.compare import evaluate\n")
     assert {_component(t) for t in _imports(tree)} == {"verify"}
     assert STAGES["verify"] > STAGES["export"]
+
+
+def test_running_a_fused_graph_does_not_import_the_rewrite(tmp_path):
+    """ONNX Runtime on a fused graph (its contract and the Python reference op) stays on the runtime side:
+    neither the rewrite nor the exporter is imported, in a fresh interpreter."""
+    pytest.importorskip("onnxruntime_extensions")
+    code = """
+import sys
+import onnx
+from onnx import helper as h, TensorProto as T
+from chai_compile.kernels import fused_op
+from chai_compile.export.ort_runner import _session
+attrs = fused_op.node_attributes(num_heads=2, cluster_offsets=[0, 2], k_head_index=[0], v_head_index=[0, 0],
+                                 num_k_heads=1, num_v_heads=1, head_dim=4, scale=0.5)
+ins = [h.make_tensor_value_info(n, T.INT32 if n == "attention_mask" else T.FLOAT, None) for n in fused_op.INPUTS]
+outs = [h.make_tensor_value_info(n, T.FLOAT, None) for n in fused_op.OUTPUTS]
+node = h.make_node(fused_op.OP_TYPE, list(fused_op.INPUTS), list(fused_op.OUTPUTS), domain=fused_op.DOMAIN, **attrs)
+graph = h.make_graph([node], "g", ins, outs)
+onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 23), h.make_opsetid(fused_op.DOMAIN, 1)]), sys.argv[1])
+session, runner = _session(__import__("pathlib").Path(sys.argv[1]), None, 1, None, "python")
+assert runner == "python-reference", runner
+import numpy as np
+r = np.random.default_rng(0).standard_normal
+feeds = {"query": r((1, 1, 3, 4)), "key": r((1, 1, 3, 4)), "value": r((1, 1, 3, 4)), "past_key": r((1, 1, 0, 4)),
+         "past_value": r((1, 1, 0, 4))}
+feeds = {k: v.astype(np.float32) for k, v in feeds.items()} | {"attention_mask": np.ones((1, 3), np.int32)}
+assert session.run(None, feeds)[0].shape == (1, 3, 8)
+print(sorted(m for m in sys.modules if m.startswith(("chai_compile.rewrite", "chai_compile.export.fused",
+                                                      "chai_compile.export.onnx_export"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "node.onnx")], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -6,8 +6,17 @@ import json
 
 import pytest
 
+from chai_compile.choices import LayerKind
 from chai_compile.errors import FingerprintMismatchError, MappingError
-from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
+from chai_compile.layout import check_offsets, cluster_layout
+from chai_compile.mapping import (
+    Cluster,
+    ClusterMapping,
+    LayerMapping,
+    ModelInfo,
+    Span,
+    UnsupportedLayerKindError,
+)
 
 
 def _info(**kw) -> ModelInfo:
@@ -45,16 +54,32 @@ def test_canonical_order_and_derived_fields():
     assert s["score_heads_kept"] == 8 + 3
 
 
-def test_fused_layout_is_a_permutation_with_contiguous_clusters():
+def test_cluster_layout_is_a_permutation_with_contiguous_clusters():
     m = _mapping()
-    lay = m.fused_layout(1)
+    lay = cluster_layout(m, 1)
     assert sorted(lay.permutation) == list(range(8))
     assert lay.cluster_offsets == (0, 3, 6, 8)
-    # representative first in each range
-    assert [lay.permutation[o] for o in lay.cluster_offsets[:-1]] == [4, 2, 7]
+    # the documented order: clusters by the KV head their representative reads; representative first
+    assert [lay.permutation[o] for o in lay.cluster_offsets[:-1]] == [2, 4, 7]
+    assert lay.permutation == (2, 1, 3, 4, 0, 5, 7, 6)
     kept = m.kept_k_heads(1)
-    assert [kept[i] for i in lay.k_head_index] == [4 // 2, 2 // 2, 7 // 2]
+    assert list(lay.kept_k_heads) == kept
+    assert [kept[i] for i in lay.k_head_index] == [2 // 2, 4 // 2, 7 // 2]
     assert lay.v_head_index == tuple(h // 2 for h in lay.permutation)
+    assert [lay.permutation[p] for p in lay.inverse_permutation] == list(range(8))
+    # dense: the identity layout, every KV head kept
+    dense = cluster_layout(m, 0)
+    assert dense.permutation == tuple(range(8)) and dense.cluster_offsets == tuple(range(9))
+    assert dense.kept_k_heads == (0, 1, 2, 3) and dense.slot_of_head == tuple(range(8))
+
+
+def test_cluster_offsets_are_checked_in_one_place():
+    check_offsets([0, 2, 5], 5)
+    for bad in ([1, 2, 5], [0, 2, 2, 5], [0], []):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            check_offsets(bad)
+    with pytest.raises(ValueError, match="to 6"):
+        check_offsets([0, 2, 5], 6)
 
 
 def _edit(tmp_path, fn) -> str:
@@ -117,3 +142,71 @@ def test_identity_mapping_keeps_everything():
     m = ClusterMapping.identity(_info())
     s = m.summary()
     assert s["k_cache_saving"] == 0 and s["score_heads_kept"] == s["query_heads_total"]
+
+
+# ---- schema v3: shared and span layers (read, validated, refused by the transforms) --------------
+def _v3(tmp_path, layers) -> ClusterMapping:
+    info = _info(num_layers=len(layers))
+    return ClusterMapping(info, tuple(layers))
+
+
+def test_v3_round_trip_shared_and_span(tmp_path):
+    spans = tuple(Span(4, 64 * (h + 1)) for h in range(8))
+    m = ClusterMapping.build(_info(num_layers=3, qk_head_norms=()), [
+        LayerMapping(0, "dense"), LayerMapping(1, LayerKind.SHARED, source=0),
+        LayerMapping(2, LayerKind.SPAN, spans=spans)])
+    assert m.schema_version == 3 and m.layers[1].kind is LayerKind.SHARED
+    again = ClusterMapping.read(m.write(tmp_path / "v3.json"))
+    assert again == m and again.layers[2].spans[1] == Span(4, 128)
+    assert json.loads((tmp_path / "v3.json").read_text())["layers"][1] == {"index": 1, "kind": "shared", "source": 0}
+    assert m.summary()["score_heads_kept"] == 8 + 0 + 8  # a shared layer computes no scores of its own
+    with pytest.raises(UnsupportedLayerKindError) as e:
+        m.require_supported("the rewrite")
+    line = e.value.one_line()
+    assert "layer 1" in line and "not supported by this version" in line and "\n" not in line
+    with pytest.raises(ValueError, match="no cluster layout"):
+        cluster_layout(m, 2)
+
+
+def test_versions_written_are_the_lowest_that_carry_the_plan():
+    m = _mapping()
+    assert m.schema_version == 1 and m.to_dict()["schema_version"] == 1
+    assert len(m.plan_sha256()) == 64
+    other = ClusterMapping.build(m.model, [LayerMapping(0, "dense"), LayerMapping(1, "dense")])
+    assert other.plan_sha256() != m.plan_sha256()
+    assert ClusterMapping(m.model, m.layers, {"other": "provenance"}).plan_sha256() == m.plan_sha256()
+
+
+@pytest.mark.parametrize("layers, needle, value", [
+    ([LayerMapping(0, "dense"), LayerMapping(1, LayerKind.SHARED, source=1)], "earlier layer", 1),
+    ([LayerMapping(0, LayerKind.SHARED, source=0), LayerMapping(1, "dense")], "earlier layer", 0),
+    ([LayerMapping(0, "dense"), LayerMapping(1, LayerKind.SHARED, source=0),
+      LayerMapping(2, LayerKind.SHARED, source=1)], "itself shared", 1),
+    ([LayerMapping(0, LayerKind.SPAN, spans=(Span(-1, 8),) * 8)], "sinks must be", -1),
+    ([LayerMapping(0, LayerKind.SPAN, spans=(Span(0, 0),) * 8)], "window must be", 0),
+    ([LayerMapping(0, LayerKind.SPAN, spans=(Span(0, 4),) * 3)], "one span per query head", 3),
+    ([LayerMapping(0, "dense", source=0)], "must not list source", None),
+])
+def test_shared_and_span_validation_carries_the_value(tmp_path, layers, needle, value):
+    with pytest.raises(MappingError) as e:
+        _v3(tmp_path, layers).validate()
+    assert needle in e.value.one_line() and e.value.value == value
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["layers"][1].update(kind="shared", source=5), "must be in 0..1"),
+    (lambda d: d["layers"][1].update(kind="span", spans=[{"sinks": 0, "window": 0}] * 8), "'window' must be in 1"),
+    (lambda d: d["layers"][1].update(kind="span", spans=[{"sinks": 0}] * 8), "'window' is missing"),
+    (lambda d: (d["layers"][1].update(kind="dense"), d["layers"][0].update(kind="shared", source=0)),
+     "earlier layer"),
+])
+def test_v3_reader_names_the_problem(tmp_path, edit, needle):
+    def v3(d):
+        d["schema_version"] = 3
+        d["layers"][1].pop("clusters")
+        d["layers"][1].pop("kept_k_heads")
+        edit(d)
+
+    with pytest.raises(MappingError) as e:
+        ClusterMapping.read(_edit(tmp_path, v3))
+    assert needle in e.value.one_line(), e.value.one_line()

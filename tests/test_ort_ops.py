@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from chai_compile import fused_op
 from chai_compile.export import ort_ops
+from chai_compile.kernels import fused_op
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

@@ -14,6 +14,7 @@ from chai_compile.adapters import adapter_for, apply_rotary
 from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ChaiError, FingerprintMismatchError
 from chai_compile.fingerprint import model_info
+from chai_compile.kernels.reference import clustered_attention
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
 from chai_compile.rewrite import ClusteredAttention, apply_mapping, average_linkage, kv_cache_bytes
 from tests.conftest import STORIES, STORIES_MHA
@@ -84,7 +85,9 @@ def left_padded(vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 class NaiveChaiAttention(nn.Module):
     """Independent per-head CHAI reference for Llama-family layers (full sequence, no cache):
-    out_h = softmax(q_{r(c(h))} k_{g(r)}^T / sqrt(d) + causal) v_{g(h)}, from the ORIGINAL weights."""
+    out_h = softmax(q_{r(c(h))} k_{g(r)}^T / sqrt(d) + causal) v_{g(h)}, from the ORIGINAL weights, each head
+    gathered by hand (no cluster layout) and the attention computed by the one reference (kernels/reference.py)
+    with every head its own cluster."""
 
     def __init__(self, attn: nn.Module, layer: LayerMapping, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
@@ -96,20 +99,19 @@ class NaiveChaiAttention(nn.Module):
         b, t, _ = hidden_states.shape
         group = self.h // self.kv
         cos, sin = position_embeddings
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        outs = []
         rep_of = {h: c.representative for c in self.layer.clusters for h in c.members}
+        q, k, v = [], [], []
         for h in range(self.h):
             r = rep_of[h]
-            q = hidden_states @ a.q_proj.weight[r * d:(r + 1) * d].T
-            k = hidden_states @ a.k_proj.weight[(r // group) * d:(r // group + 1) * d].T
-            v = hidden_states @ a.v_proj.weight[(h // group) * d:(h // group + 1) * d].T
-            q = apply_rotary(q[:, None], cos, sin)[:, 0]
-            k = apply_rotary(k[:, None], cos, sin)[:, 0]
-            s = (q @ k.transpose(1, 2)) * d**-0.5
-            p = s.masked_fill(~causal, float("-inf")).softmax(-1)
-            outs.append(p @ v)
-        return a.o_proj(torch.cat(outs, dim=-1)), None
+            q.append(apply_rotary((hidden_states @ a.q_proj.weight[r * d:(r + 1) * d].T)[:, None], cos, sin))
+            k.append(apply_rotary((hidden_states @ a.k_proj.weight[(r // group) * d:(r // group + 1) * d].T)[:, None],
+                                  cos, sin))
+            v.append((hidden_states @ a.v_proj.weight[(h // group) * d:(h // group + 1) * d].T)[:, None])
+        every = torch.arange(self.h)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+        out = clustered_attention(torch.cat(q, 1), torch.cat(k, 1), torch.cat(v, 1), causal, torch.arange(self.h + 1),
+                                  every, every, d**-0.5)
+        return a.o_proj(out.to(hidden_states.dtype).transpose(1, 2).reshape(b, t, self.h * d)), None
 
 
 def naive_chai(model: nn.Module, mapping: ClusterMapping) -> nn.Module:

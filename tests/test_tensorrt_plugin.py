@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from chai_compile import fused_op
+from chai_compile.kernels import fused_op
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "tensorrt"

@@ -1,32 +1,32 @@
-"""The fused form: one `ClusteredAttention` node (chai_compile.fused_op contract) per clustered layer.
+"""The fused form: one `ClusteredAttention` node (chai_compile.kernels.fused_op contract) per clustered layer.
 
-Path: a torch.library custom op `chai::clustered_attention` stands for the attention core in a variant
-of the clustered forward; torch.onnx.export's custom_translation_table turns each call into a node in
-domain ai.onnx.contrib with the contract's attributes (op_type = TensorRT plugin name, plus
-`plugin_namespace`). ONNX Runtime runs the node through the compiled op library (plugins/onnxruntime, see
-ort_ops) or, without it, an onnxruntime-extensions Python op that calls the contract's reference; either way
-the fused graph is verified by the same decode loop as the portable one.
+Path: a torch.library custom op `chai::clustered_attention` stands for the attention core; each static
+rewritten layer of the model the export owns (a copy, unless the caller gave it up) is replaced, through
+its parent, by a `FusedClusteredAttention` built from it; torch.onnx.export's custom_translation_table
+turns each call into a node in domain ai.onnx.contrib with the attributes of the layer's cluster layout
+(op_type = TensorRT plugin name, plus `plugin_namespace`). ONNX Runtime runs the node through the compiled
+op library (plugins/onnxruntime, see ort_ops) or, without it, the onnxruntime-extensions Python op of
+ort_python_op; either way the fused graph is verified by the same decode loop as the portable one.
 
-Heads are permuted at export so clusters are contiguous ranges (the contract); W_o's input columns are
+Heads are permuted at export so clusters are contiguous ranges (the layout); W_o's input columns are
 permuted the same way, which is exact, so no un-permute op is left in the graph.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from copy import deepcopy
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from chai_compile import fused_op
-from chai_compile.rewrite.clustered_attention import ClusteredAttention, _linear
-
-_LIST_ATTRS = ("cluster_offsets", "k_head_index", "v_head_index")
-_STR_SUFFIX = "__json"  # ORT python ops read only scalar attributes: lists travel as JSON strings there
+from chai_compile.choices import KVCacheMode, LayerKind
+from chai_compile.errors import ExportError
+from chai_compile.kernels import fused_op
+from chai_compile.layout import layer_layout
+from chai_compile.rewrite.base import ClusteredAttention, owned_linear
+from chai_compile.rewrite.static import StaticClusteredAttention, positioned_qkv
 
 
 @torch.library.custom_op("chai::clustered_attention", mutates_args=())
@@ -101,124 +101,88 @@ class _MaskHolder:
         self.mask = attention_mask.to(torch.int32)
 
 
-class FusedClusteredAttention(ClusteredAttention):
-    """ClusteredAttention whose static core is the custom op (set by `prepare_fused` via __class__)."""
+class FusedClusteredAttention(nn.Module):
+    """A static rewritten layer whose attention core is the contract's node; built from that layer.
 
-    chai_mask: _MaskHolder
-    chai_share_buffer: int = 0  # 1: the in-place cache contract (fused_op)
+    Takes over its Q/K/V projections (the export owns the model they belong to) and holds W_o with its
+    input columns in the layout's permuted order, which the node's output is in."""
+
+    def __init__(self, layer: StaticClusteredAttention, mask: _MaskHolder, kv_cache: KVCacheMode) -> None:
+        super().__init__()
+        self.adapter, self.layer_idx = layer.adapter, layer.layer_idx
+        self.original_forward = layer.original_forward  # what adapter_for() reads on a rewritten model
+        # What positioned_qkv reads: the same projections as the rewritten layer.
+        self.q_proj, self.k_proj, self.v_proj, self.q_scale = layer.q_proj, layer.k_proj, layer.v_proj, layer.q_scale
+        self.num_clusters, self.num_kept, self.num_kv_heads = layer.num_clusters, layer.num_kept, layer.num_kv_heads
+        h, d = layer.num_heads, layer.head_dim
+        self.head_dim = d
+        w = layer.o_proj.weight.detach()
+        perm = torch.tensor(layer.layout.permutation, device=w.device)
+        self.o_proj = owned_linear(w.view(w.shape[0], h, d).index_select(1, perm).reshape(w.shape[0], h * d),
+                                   layer.o_proj.bias)
+        self.mask = mask
+        self.attributes = fused_op.layer_attributes(layer.layout, head_dim=d, scale=layer.scale, kv_cache=kv_cache)
 
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = self.adapter.call_inputs(args, kwargs)
-        x = call.hidden_states
-        lay = self.layout
-        q = self._heads(self.q_proj(x), len(lay.reps))
-        k = self._heads(self.k_proj(x), self.num_kept)
-        v = self._heads(self.v_proj(x), self.num_kv_heads)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
-        q, k = self.adapter.position(q, k, call)
+        q, k, v = positioned_qkv(self, call)
+        a = self.attributes
+        # The node returns the present cache (concatenated, or the written buffer): it replaces the layer's
+        # tensors in the DecoderWrapper's own DynamicCache, whose update() would concatenate a second time.
         layer = getattr(call.cache, "self_attention_cache", call.cache).layers[self.layer_idx]
         out, layer.keys, layer.values = torch.ops.chai.clustered_attention(
-            q, k, v, layer.keys, layer.values, self.chai_mask.mask, self.num_heads, list(lay.cluster_offsets),
-            list(lay.k_of_cluster), list(lay.v_head_index), self.num_kept, self.num_kv_heads, self.head_dim,
-            float(self.scale), 1, self.chai_share_buffer)
+            q, k, v, layer.keys, layer.values, self.mask.mask, a["num_heads"], a["cluster_offsets"],
+            a["k_head_index"], a["v_head_index"], a["num_k_heads"], a["num_v_heads"], a["head_dim"], a["scale"],
+            a["causal"], a["past_present_share_buffer"])
         return self.o_proj(out), None
 
 
-def _fuse_dense_layers(model: nn.Module) -> None:
-    """Swap each dense layer's attention for a ClusteredAttention of one head per cluster (the identity
-    mapping: same outputs to float rounding, same K cache heads), so that it too exports as a node."""
+def _static_dense_layers(model: nn.Module) -> None:
+    """Replace each dense layer's attention by a static ClusteredAttention of one head per cluster (the
+    identity layout: same outputs to float rounding, same K cache heads), so that it too exports as a node."""
     from chai_compile.adapters import adapter_for
     from chai_compile.mapping import LayerMapping
 
     ad = adapter_for(model)
-    layers = ad.decoder_layers()
-    for i in range(ad.spec.num_layers):
+    spec = ad.spec
+    for i in range(spec.num_layers):
         old = ad.attention(i)
         if isinstance(old, ClusteredAttention):
             continue
-        new = ClusteredAttention(ad, i, LayerMapping(i, "dense"), membership="static")
-        name = next(n for n, m in layers[i].named_children() if m is old)
-        setattr(layers[i], name, new)
+        layout = layer_layout(LayerMapping(i, LayerKind.DENSE), spec.num_heads, spec.num_kv_heads)
+        _replace(model, old, StaticClusteredAttention(ad, i, layout))
 
 
-def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = "concat") -> tuple[nn.Module, dict[Any, Any]]:
-    """The DecoderWrapper (a copy, or itself) with clustered layers running the custom op; plus the table.
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Set `new` where `old` sits under `root` (on its parent, by name)."""
+    name = next(n for n, m in root.named_modules() if m is old)
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent), leaf, new)
+
+
+def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = KVCacheMode.CONCAT
+                  ) -> tuple[nn.Module, dict[Any, Any]]:
+    """The DecoderWrapper (a copy, or itself) with static layers running the custom op; plus the table.
 
     kv_cache="inplace" gives every node the shared-buffer contract, so every layer must be a node: dense
-    layers become identity-clustered ones first (one head per cluster: the same function, _fuse_dense_layers).
-    """
-    from chai_compile.errors import ExportError
-
-    if kv_cache not in fused_op.KV_CACHE_MODES:
-        raise ExportError(f"--kv-cache must be one of {', '.join(fused_op.KV_CACHE_MODES)}", value=kv_cache)
+    layers become identity-clustered ones first (one head per cluster: the same function)."""
+    if kv_cache not in KVCacheMode.values():
+        raise ExportError(f"--kv-cache must be one of {', '.join(KVCacheMode.values())}", value=kv_cache)
+    mode = KVCacheMode(kv_cache)
     if copy:
-        wrapper = deepcopy(wrapper)
-    if kv_cache == "inplace":
-        _fuse_dense_layers(wrapper.model)
+        wrapper = deepcopy(wrapper)  # the export's own model: its modules are replaced below
+    if mode == KVCacheMode.INPLACE:
+        _static_dense_layers(wrapper.model)
         wrapper.inplace_cache = True
     holder = _MaskHolder()
     wrapper.before_call = holder
-    found = False
-    for mod in wrapper.modules():
-        if isinstance(mod, ClusteredAttention):
-            if mod.membership != "static":
-                from chai_compile.errors import ExportError
-
-                raise ExportError("the fused form needs static membership", value=mod.membership)
-            mod.__class__ = FusedClusteredAttention
-            mod.chai_mask = holder
-            mod.chai_share_buffer = int(kv_cache == "inplace")
-            h, d = mod.num_heads, mod.head_dim
-            w = mod.o_proj.weight.detach()
-            perm = torch.tensor(mod.layout.permutation)
-            permuted = w.view(w.shape[0], h, d).index_select(1, perm).reshape(w.shape[0], h * d)
-            mod.o_proj = _linear(permuted, mod.o_proj.bias)
-            found = True
-    if not found:
+    layers = [m for m in wrapper.modules() if isinstance(m, ClusteredAttention)]
+    if not layers:
         raise ExportError("the fused form needs a CHAI-rewritten model (no clustered layer found)",
                           fix="pass --mapping, or use --attention portable")
+    for layer in layers:  # all checked before any is replaced
+        if not isinstance(layer, StaticClusteredAttention):
+            raise ExportError("the fused form needs static membership", value=str(layer.membership))
+    for layer in layers:
+        _replace(wrapper, layer, FusedClusteredAttention(layer, holder, mode))
     return wrapper, {torch.ops.chai.clustered_attention.default: _translate}
-
-
-# ---- ONNX Runtime (onnxruntime-extensions Python op) ----------------------------------------------------
-@functools.cache
-def register_ort_op() -> None:
-    """Register the Python implementation of the node with onnxruntime-extensions (once per process).
-
-    Float32 only: a Python op is bound to one type signature; fp16 fused graphs are for TensorRT.
-    """
-    from onnxruntime_extensions import PyCustomOpDef, onnx_op
-
-    f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
-    attrs = {"num_heads": i64, "num_k_heads": i64, "num_v_heads": i64, "head_dim": i64, "causal": i64,
-             "past_present_share_buffer": i64, "scale": PyCustomOpDef.dt_float}
-    attrs.update({n + _STR_SUFFIX: PyCustomOpDef.dt_string for n in _LIST_ATTRS})
-
-    @onnx_op(op_type=fused_op.OP_TYPE, domain=fused_op.DOMAIN, inputs=[f, f, f, f, f, i32], outputs=[f, f, f],
-             attrs=attrs)
-    def _clustered_attention(query, key, value, past_key, past_value, attention_mask, **kw):
-        lists = {n: json.loads(kw.pop(n + _STR_SUFFIX)) for n in _LIST_ATTRS}
-        t = [torch.from_numpy(np.asarray(a)) for a in (query, key, value, past_key, past_value, attention_mask)]
-        out, pk, pv = clustered_attention(*t, kw["num_heads"], lists["cluster_offsets"], lists["k_head_index"],
-                                          lists["v_head_index"], kw["num_k_heads"], kw["num_v_heads"],
-                                          kw["head_dim"], kw["scale"], kw["causal"],
-                                          kw.get("past_present_share_buffer", 0))
-        return out.numpy(), pk.numpy(), pv.numpy()
-
-
-def ort_ready_model(model: Any) -> bytes:
-    """The fused graph with each list attribute also as a JSON string attribute (what the Python op reads).
-
-    The file on disk keeps the contract unchanged; this copy lives only in the session. Its weights stay
-    in the external data file (the session is told where, see ort_runner): only the graph is copied.
-    `model` is the ModelProto loaded without its external data; it is changed in place.
-    """
-    import onnx
-
-    for node in model.graph.node:
-        if node.domain == fused_op.DOMAIN and node.op_type == fused_op.OP_TYPE:
-            for a in list(node.attribute):
-                if a.name in _LIST_ATTRS:
-                    node.attribute.append(onnx.helper.make_attribute(a.name + _STR_SUFFIX, json.dumps(list(a.ints))))
-    return model.SerializeToString()

@@ -21,15 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from chai_compile.choices import DATA_NAME, DEFAULT_OPSET, GRAPH_NAME
+from chai_compile.choices import DATA_NAME, DEFAULT_OPSET, GRAPH_NAME, AttentionForm, KVCacheMode
 from chai_compile.compat import model_forward, output_cache
-from chai_compile.errors import ExportError, root_cause
+from chai_compile.errors import ExportError, Terminated, root_cause
 from chai_compile.mapping import ClusterMapping
 
 # Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
 # as inputs, Split num_outputs); older opsets need the down-conversion that loses dynamic shapes.
-MIN_OPSET = {"portable": 18, "fused": 18}
-ATTENTION_FORMS = ("portable", "fused")
+MIN_OPSET = {AttentionForm.PORTABLE: 18, AttentionForm.FUSED: 18}
 INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -43,7 +42,7 @@ def max_opset() -> int:
 
 def check_opset(attention: str, opset: int) -> None:
     if attention not in MIN_OPSET:
-        raise ExportError(f"--attention must be one of {', '.join(ATTENTION_FORMS)}", value=attention)
+        raise ExportError(f"--attention must be one of {', '.join(AttentionForm.values())}", value=attention)
     if opset < MIN_OPSET[attention]:
         raise ExportError(f"opset {opset} is too old for the {attention} form",
                           value=opset, fix=f"use --opset {MIN_OPSET[attention]} or newer (default {DEFAULT_OPSET})")
@@ -86,7 +85,7 @@ class CacheSpec:
 def cache_spec(model: nn.Module) -> CacheSpec:
     """K heads per layer: the kept heads for clustered layers (what the rewrite caches), else all KV heads."""
     from chai_compile.adapters import adapter_for
-    from chai_compile.rewrite.clustered_attention import ClusteredAttention
+    from chai_compile.rewrite import ClusteredAttention
 
     ad = adapter_for(model)
     spec = ad.spec
@@ -243,11 +242,11 @@ def export_decoder(
     model: nn.Module,
     out_dir: Path,
     *,
-    attention: str = "portable",
+    attention: str = AttentionForm.PORTABLE,
     opset: int = DEFAULT_OPSET,
     metadata: dict[str, str] | None = None,
     in_place: bool = False,
-    kv_cache: str = "concat",
+    kv_cache: str = KVCacheMode.CONCAT,
 ) -> ExportResult:
     """Export `model` (already rewritten, or original) into out_dir/model.onnx + model.onnx.data.
 
@@ -267,16 +266,16 @@ def export_decoder(
     spec = cache_spec(model)
     wrapper = DecoderWrapper(model, spec.num_layers).eval()
     table = translation_table()
-    if attention == "fused":
+    if attention == AttentionForm.FUSED:
         from chai_compile.export.fused import prepare_fused
 
         wrapper, fused_table = prepare_fused(wrapper, copy=not in_place, kv_cache=kv_cache)
         table.update(fused_table)
-    elif kv_cache != "concat":
+    elif kv_cache != KVCacheMode.CONCAT:
         raise ExportError("the in-place KV cache needs the fused form", value=kv_cache, fix="add --attention fused")
     # In place, the buffer (9 rows) outlives the mask (2 past + 3 new): distinct sizes keep the two dims apart.
     inputs = sample_inputs(spec, model.config.vocab_size, model_dtype(model),
-                           **({"past": 9, "mask_len": 5} if kv_cache == "inplace" else {}))
+                           **({"past": 9, "mask_len": 5} if kv_cache == KVCacheMode.INPLACE else {}))
     in_names = [*INPUT_NAMES, *past_names(spec.num_layers)]
     out_names = ["logits", *present_names(spec.num_layers)]
     t0 = time.perf_counter()
@@ -291,6 +290,10 @@ def export_decoder(
                 optimize=True, verbose=False,
             )
     except Exception as e:  # the exporter raises many types, wrapped; the innermost one names the problem
+        # SIGTERM raises Terminated inside the exporter, which wraps it: it is a signal, not an export failure.
+        signal = next((x for x in _chain(e) if isinstance(x, Terminated)), None)
+        if signal is not None:
+            raise signal from None
         raise ExportError(f"torch.onnx.export failed ({attention} form): {root_cause(e)[:300]}",
                           fix="a model family or opset the exporter supports; CHAI_COMPILE_DEBUG=1 shows the "
                               "traceback") from e
@@ -311,18 +314,27 @@ def export_decoder(
     return ExportResult(path, DATA_NAME, spec, in_names, out_names, time.perf_counter() - t0)
 
 
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
 def provenance_metadata(mapping: ClusterMapping | None, *, source: str, attention: str, dtype: str, opset: int,
-                        cache: CacheSpec | None = None, kv_cache: str = "concat") -> dict[str, str]:
+                        cache: CacheSpec | None = None, kv_cache: str = KVCacheMode.CONCAT) -> dict[str, str]:
     """metadata_props of the graph: the mapping (as its JSON) and where the graph came from."""
     from chai_compile import __version__
 
     meta = {
         "chai.version": __version__,
         "chai.source_model": source,
-        "chai.attention": attention if mapping is not None else "original",
+        "chai.attention": str(attention) if mapping is not None else "original",
         "chai.dtype": dtype,
         "chai.opset": str(opset),
-        "chai.kv_cache": kv_cache,  # the runner reads it: "inplace" graphs are driven with shared buffers
+        "chai.kv_cache": str(kv_cache),  # the runner reads it: "inplace" graphs are driven with shared buffers
         "torch.version": torch.__version__,
     }
     if mapping is not None:

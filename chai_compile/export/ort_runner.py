@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from chai_compile import fused_op
+from chai_compile.choices import KVCacheMode
 from chai_compile.errors import ExportError
+from chai_compile.kernels import fused_op
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
@@ -48,7 +49,7 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
             ort_ops.register(opts, lib)
             runs_fused = str(lib)
         else:  # the onnxruntime-extensions Python op (reads list attributes as JSON strings)
-            from chai_compile.export.fused import ort_ready_model
+            from chai_compile.export.ort_python_op import ort_ready_model
 
             opts.register_custom_ops_library(_extensions_library())
             model_arg = ort_ready_model(proto)
@@ -82,9 +83,9 @@ def _extensions_library() -> str:
 
         raise ExportError("the fused graph needs the compiled op library or onnxruntime-extensions",
                           fix=f"{build_command()}; or pip install onnxruntime-extensions") from None
-    from chai_compile.export import fused
+    from chai_compile.export.ort_python_op import register_ort_op
 
-    fused.register_ort_op()
+    register_ort_op()
     return onnxruntime_extensions.get_library_path()
 
 
@@ -112,7 +113,7 @@ class OrtDecoder:
                                                       for i in range(self.num_layers)]
         self.float_type = _NP[self.inputs[self.past_inputs[0]].type]
         self.use_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
-        self.kv_cache = meta.get("chai.kv_cache", "concat")
+        self.kv_cache = KVCacheMode(meta.get("chai.kv_cache", KVCacheMode.CONCAT))
         self._bound: tuple[list[Any], Any] | None = None  # in place: the buffers last bound, and that binding
         self.name = "onnxruntime"
         self.max_length = 2048
@@ -120,7 +121,7 @@ class OrtDecoder:
     def empty_cache(self, batch: int, capacity: int = 512) -> list[Any]:
         """The cache before the first step. Concat: zero-length past tensors (numpy on CPU, OrtValues under
         CUDA). In place: zeroed buffers of `capacity` token rows (OrtValues), written by every step."""
-        rows = capacity if self.kv_cache == "inplace" else 0
+        rows = capacity if self.kv_cache == KVCacheMode.INPLACE else 0
         out = []
         for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
             out += [np.zeros((batch, kh, rows, self.head_dim), self.float_type),
@@ -129,7 +130,7 @@ class OrtDecoder:
 
     def wrap_cache(self, arrays: list[np.ndarray]) -> list[Any]:
         """Cache arrays in the form step() takes (in place: buffers whose row count is the capacity)."""
-        if self.kv_cache == "inplace" or self.use_cuda:
+        if self.kv_cache == KVCacheMode.INPLACE or self.use_cuda:
             return [self.to_device(a) for a in arrays]
         return arrays
 
@@ -146,7 +147,7 @@ class OrtDecoder:
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                  "position_ids": position_ids.astype(np.int64)}
         try:
-            if self.use_cuda or self.kv_cache == "inplace":
+            if self.use_cuda or self.kv_cache == KVCacheMode.INPLACE:
                 return self._step_bound(feeds, past)
             feeds.update(zip(self.past_inputs, past, strict=True))
             outs = self.session.run(self.output_names, feeds)
@@ -163,7 +164,7 @@ class OrtDecoder:
         # IO binding: the cache stays where it is from step to step and only the logits come back to the
         # host; small int inputs are copied in. Concat (CUDA): present -> next past. In place: each buffer
         # is bound as its layer's past input and present output, so a step writes only the new rows.
-        inplace = self.kv_cache == "inplace"
+        inplace = self.kv_cache == KVCacheMode.INPLACE
         if inplace and self._bound is not None and len(self._bound[0]) == len(past) and \
                 all(a is b for a, b in zip(self._bound[0], past, strict=True)):
             binding = self._bound[1]  # same buffers as the last step: only the token inputs change

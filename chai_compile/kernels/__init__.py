@@ -1,30 +1,27 @@
-"""Clustered-attention kernels: float64 torch reference and fused Triton decode / prefill.
+"""Clustered-attention math: the float64 reference (reference.py), the fused node's contract (fused_op.py)
+and the fused Triton decode / prefill kernels.
 
-`import chai_compile.kernels` works without triton; the Triton entry points raise when called
-without it (check `HAS_TRITON`). All heads are in the exact permuted order that makes each
-cluster a contiguous head range [cluster_offsets[c], cluster_offsets[c+1]).
+`import chai_compile.kernels` works without triton, and imports no Triton module until a kernel name is
+used (PEP 562): running a fused graph needs only the contract. The Triton entry points raise when called
+without triton (check `HAS_TRITON`). All heads are in the exact permuted order of `chai_compile.layout`
+that makes each cluster a contiguous head range [cluster_offsets[c], cluster_offsets[c+1]).
 """
 
-from chai_compile.kernels.reference import clustered_decode_reference, clustered_prefill_reference
-from chai_compile.kernels.triton_decode import (
-    HAS_TRITON,
-    ClusterPlan,
-    DecodeConfig,
-    build_plan,
-    clustered_decode,
-    get_plan,
-)
-from chai_compile.kernels.triton_prefill import PrefillConfig, clustered_prefill
+from __future__ import annotations
 
-__all__ = [
-    "HAS_TRITON",
-    "ClusterPlan",
-    "DecodeConfig",
-    "PrefillConfig",
-    "build_plan",
-    "clustered_decode",
-    "clustered_decode_reference",
-    "clustered_prefill",
-    "clustered_prefill_reference",
-    "get_plan",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "clustered_decode_reference": "reference", "clustered_prefill_reference": "reference",
+    "HAS_TRITON": "triton_decode", "ClusterPlan": "triton_decode", "DecodeConfig": "triton_decode",
+    "build_plan": "triton_decode", "clustered_decode": "triton_decode", "get_plan": "triton_decode",
+    "plan_for_layout": "triton_decode", "PrefillConfig": "triton_prefill", "clustered_prefill": "triton_prefill",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)

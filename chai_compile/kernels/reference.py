@@ -1,26 +1,34 @@
-"""Float64 torch reference for clustered attention (decode and prefill); runs on any device.
+"""The float64 reference of clustered attention: the one implementation of the math that every form is
+tested against (the rewrite's torch path, static and dynamic; the fused node's reference, which the ONNX
+Runtime Python op runs; the Triton kernels; the C++ op and the TensorRT plugin). Runs on any device.
 
-Semantics (heads already permuted so that cluster c is the head range [offsets[c], offsets[c+1])):
+Semantics (heads already permuted by `chai_compile.layout` so that cluster c is the head range
+[offsets[c], offsets[c+1])):
 
     P_c   = softmax(q_c K_{k_head_index[c]}^T * scale + mask)
     out_i = P_{cluster(i)} V_{v_head_index[i]}
 
-This is the oracle the Triton kernels are tested against: it materialises every score matrix,
-so keep shapes small.
+Masked-row rule: a query row with no allowed key gives zeros (its weights are all zero, never NaN and
+never uniform). The Triton kernels, the C++ op and the plugin follow it. The rewrite's torch path follows
+transformers' eager attention instead (uniform weights over the fp32-minimum scores) so that it stays
+bit-comparable with eager; such rows are left-padding queries whose outputs nothing reads, so tests
+compare the forms on rows with at least one allowed key.
+
+It materialises every score matrix: keep shapes small.
 """
 
 from __future__ import annotations
 
 import torch
 
+from chai_compile.layout import check_offsets
+
 
 def cluster_of_head(cluster_offsets: torch.Tensor) -> torch.Tensor:
     """[H] int64: the cluster each permuted head belongs to."""
-    offs = cluster_offsets.to(torch.int64)
-    sizes = offs[1:] - offs[:-1]
-    if int(offs[0]) != 0 or bool((sizes <= 0).any()):
-        raise ValueError(f"cluster_offsets must start at 0 and be strictly increasing, got {offs.tolist()}")
-    return torch.repeat_interleave(torch.arange(len(sizes), device=offs.device), sizes)
+    offs = torch.as_tensor(cluster_offsets).to(torch.int64)
+    check_offsets(offs.tolist())
+    return torch.repeat_interleave(torch.arange(len(offs) - 1, device=offs.device), offs[1:] - offs[:-1])
 
 
 def _key_mask(
@@ -37,7 +45,7 @@ def _key_mask(
 
 
 def _attend(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked softmax over the last dim; rows with no attended key give all-zero weights."""
+    """Masked softmax over the last dim, with the masked-row rule (no attended key: zero weights)."""
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.nan_to_num(probs, nan=0.0)
@@ -56,7 +64,7 @@ def clustered_attention(
     """The math every clustered form is tested against, in float64.
 
     q [B, C, S, d], k [B, Hk, T, d], v [B, Hv, T, d], allowed bool [B, 1, S, T] (query row s may attend key t)
-    -> [B, H, S, d] float64. Rows with no allowed key give zeros; keys no row attends may hold anything
+    -> [B, H, S, d] float64. Masked rows follow the module's rule; keys no row attends may hold anything
     (NaN padding): they are kept out of the products.
     """
     dev = q.device

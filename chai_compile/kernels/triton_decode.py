@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chai_compile.layout import ClusterLayout, check_offsets
+
 try:
     import triton
     import triton.language as tl
@@ -47,12 +49,14 @@ def require_triton() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Plan: cluster layout -> tile tables (built once per mapping, cached on the index tensors)
+# Plan: cluster layout (chai_compile.layout) -> tile tables (built once per layer, cached on the index
+# tensors). The tiles are this kernel's scheduling of the layout; the layout itself is not derived here.
 # ---------------------------------------------------------------------------------------------
 
 
-# Columns of the packed per-tile table (one int32 row per tile; one pointer argument).
-T_CLUSTER, T_KHEAD, T_COUNT, T_SLOT, T_VHEADS = 0, 1, 2, 3, 4
+# Columns of the packed per-tile table (one int32 row per tile; one pointer argument): cluster, K head,
+# count, first slot, then the V heads.
+T_CLUSTER, T_COUNT, T_VHEADS = 0, 2, 4
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,12 @@ def build_plan(
     tile_width: int | None = None,
     cap: int = 8,
 ) -> ClusterPlan:
+    """The tile plan of a layout given as its index tensors (ClusterLayout.index_tensors)."""
     offs = [int(x) for x in cluster_offsets.tolist()]
     kidx = [int(x) for x in k_head_index.tolist()]
     vidx = [int(x) for x in v_head_index.tolist()]
     num_clusters = len(offs) - 1
-    if num_clusters < 1 or offs[0] != 0 or any(b <= a for a, b in zip(offs, offs[1:], strict=False)):
-        raise ValueError(f"cluster_offsets must start at 0 and strictly increase, got {offs}")
+    check_offsets(offs)
     if len(kidx) != num_clusters:
         raise ValueError(f"k_head_index has {len(kidx)} entries for {num_clusters} clusters")
     if offs[-1] != len(vidx):
@@ -142,6 +146,12 @@ def build_plan(
         slot_of_head=torch.tensor(slot_of_head, dtype=torch.int32, device=dev),
         sources=(cluster_offsets, k_head_index, v_head_index),
     )
+
+
+def plan_for_layout(layout: ClusterLayout, device: torch.device | str = "cpu", tile_width: int | None = None,
+                    cap: int = 8) -> ClusterPlan:
+    """The tile plan of one layer's layout."""
+    return build_plan(*layout.index_tensors(device), tile_width, cap)
 
 
 _PLANS: dict[tuple, ClusterPlan] = {}

@@ -5,13 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from chai_compile.adapters import adapter_for
+from chai_compile.choices import LayerKind, Membership
 from chai_compile.fingerprint import model_info
+from chai_compile.layout import cluster_layout
 from chai_compile.mapping import ClusterMapping
 from chai_compile.plan.weights import load_weights
-from chai_compile.rewrite.clustered_attention import MEMBERSHIPS, ClusteredAttention, RewriteError
+from chai_compile.rewrite.base import ClusteredAttention, RewriteError
+from chai_compile.rewrite.dynamic import DynamicClusteredAttention
+from chai_compile.rewrite.static import StaticClusteredAttention
 
 
-def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str = "static") -> nn.Module:
+def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str = Membership.STATIC) -> nn.Module:
     """Rewrite `model` in place so each clustered layer computes CHAI attention; returns the model.
 
     membership="static": the mapping's clusters, frozen (what export uses); Q/K projections hold
@@ -22,15 +26,20 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
     Dense layers are left untouched. A plan that carries refit weights (`chai-compile plan`) has them
     loaded into its clustered layers, checked against the plan's sha256. Raises FingerprintMismatchError
     when the mapping was profiled on another model, RewriteError for a bad `membership` or an already
-    rewritten model, MappingError for weights that are missing or do not match the plan.
+    rewritten model, MappingError for weights that are missing or do not match the plan,
+    UnsupportedLayerKindError for a plan with shared or span layers (read, not yet carried out).
     """
-    if membership not in MEMBERSHIPS:
-        raise RewriteError(f"membership must be one of {', '.join(MEMBERSHIPS)}", value=membership)
+    if membership not in Membership.values():
+        raise RewriteError(f"membership must be one of {', '.join(Membership.values())}", value=membership)
+    mapping.require_supported("the rewrite")
     adapter = adapter_for(model)
     if any(isinstance(m, ClusteredAttention) for m in model.modules()):
         raise RewriteError("the model is already rewritten", fix="apply a mapping to an original model")
     mapping.check_model(model_info(adapter))
     refit = load_weights(mapping) or {}
+    if refit and membership == Membership.DYNAMIC:
+        raise RewriteError("refit weights are fitted to the plan's static clusters",
+                           fix="use --membership static with a plan that carries weights")
     # Rewritten layers read the masks the decoder builds for eager or sdpa (4D additive or bool, or
     # None for plain causal); flash/flex attention build other forms, so switch those to sdpa.
     impl = getattr(model.config, "_attn_implementation", None)
@@ -42,11 +51,14 @@ def apply_mapping(model: nn.Module, mapping: ClusterMapping, *, membership: str 
     layers = adapter.decoder_layers()
     swaps = []
     for i, lm in enumerate(mapping.layers):
-        if lm.kind != "clustered":
+        if lm.kind != LayerKind.CLUSTERED:
             continue
         old = adapter.attention(i)
-        new = ClusteredAttention(adapter, i, lm, membership=membership)
-        if i in refit:
+        if membership == Membership.DYNAMIC:
+            new: ClusteredAttention = DynamicClusteredAttention(adapter, i, lm.num_clusters)
+        else:
+            new = StaticClusteredAttention(adapter, i, cluster_layout(mapping, i))
+        if isinstance(new, StaticClusteredAttention) and i in refit:
             new.load_refit(refit[i].q_rows, refit[i].o_weight)
         new.train(old.training)
         name = next(n for n, m in layers[i].named_children() if m is old)

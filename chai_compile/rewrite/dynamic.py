@@ -1,5 +1,9 @@
 """Dynamic (per-request) membership, the CHAI paper's online mode, computed in torch on the model's device.
 
+`DynamicClusteredAttention` decides clusters per request from the first 5 tokens, with the plan's
+cluster count per layer. It needs every K head in the cache (membership is unknown ahead of time), so
+it saves score compute and Q projection, not memory.
+
 Per sequence: the attention map of every head over the first 5 real tokens (5 x 5, causal),
 cosine distance between heads, average-linkage agglomerative clustering into the layer's cluster
 count, lowest head index as representative. Batched over sequences with no host sync, so it can
@@ -10,12 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
-from chai_compile.adapters import AttentionCall
+from chai_compile.adapters import AttentionCall, ModelAdapter
+from chai_compile.choices import Membership
+from chai_compile.rewrite.base import ClusteredAttention, RewriteError, masked_softmax, owned_linear
 
 PREFIX_TOKENS = 5
+# Attribute set on a transformers cache object to carry per-request dynamic membership per layer.
+DYNAMIC_STATE_ATTR = "_chai_dynamic_membership"
 
 
 def average_linkage(features: torch.Tensor, num_clusters: int) -> torch.Tensor:
@@ -104,3 +114,67 @@ def membership_from_prefix(
     probs = torch.nan_to_num(probs) * in_window[:, None, :, None]  # rows past a short prompt: zero
     labels = average_linkage(probs.flatten(2), num_clusters)
     return clusters_from_labels(labels, num_clusters)
+
+
+class DynamicClusteredAttention(ClusteredAttention):
+    membership = Membership.DYNAMIC
+
+    def __init__(self, adapter: ModelAdapter, layer_index: int, num_clusters: int) -> None:
+        super().__init__(adapter, layer_index, num_clusters, adapter.spec.num_kv_heads)
+        # Representatives vary per request: keep every Q row (gathered per request) and every K head.
+        p = adapter.projections(layer_index)
+        self.q_weight = nn.Parameter(p.q_weight.detach().clone())
+        self.q_bias = None if p.q_bias is None else nn.Parameter(p.q_bias.detach().clone())
+        self.k_proj = owned_linear(p.k_weight, p.k_bias)
+
+    def attend(self, call: AttentionCall, cache: Any) -> torch.Tensor:
+        x = call.hidden_states
+        b, s, _ = x.shape
+        h, c, d = self.num_heads, self.num_clusters, self.head_dim
+        k = self.heads(self.k_proj(x), self.num_kv_heads)
+        v = self.heads(self.v_proj(x), self.num_kv_heads)
+        store = None if cache is None else cache.__dict__.setdefault(DYNAMIC_STATE_ATTR, {})
+        past = 0 if cache is None else cache.get_seq_length(self.layer_idx)
+        state = None if store is None or past == 0 else store.get(self.layer_idx)
+        if state is None:
+            if past:
+                raise RewriteError(
+                    f"layer {self.layer_idx}: dynamic membership is decided at prefill, but this cache holds "
+                    f"{past} tokens from elsewhere", fix="prefill through the rewritten model")
+            state = self._decide_membership(call)
+            if store is not None:
+                store[self.layer_idx] = state
+        reps, cluster_of_head, w_sel, b_sel = state
+        if reps.shape[0] != b:
+            raise RewriteError(f"layer {self.layer_idx}: batch size changed from {reps.shape[0]} to {b} within a "
+                               "request (beam search is not supported with dynamic membership)")
+        q = torch.bmm(x, w_sel.transpose(1, 2))
+        if b_sel is not None:
+            q = q + b_sel[:, None, :]
+        q = self.heads(q, c)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        q, k = self.adapter.position(q, k, call)
+        k, v = self.update_cache(cache, k, v)
+        t = k.shape[-2]
+        k_rep = k.gather(1, (reps // self.group)[:, :, None, None].expand(b, c, t, d))
+        scores = torch.matmul(q * self.scale, k_rep.transpose(-1, -2))
+        probs = masked_softmax(scores.float(), call.attention_mask).to(v.dtype)
+        probs = probs.gather(1, cluster_of_head[:, :, None, None].expand(b, h, s, t))
+        out = torch.matmul(probs.reshape(b, self.num_kv_heads, self.group * s, t), v)
+        return out.view(b, h, s, d)
+
+    def _decide_membership(self, call: AttentionCall) -> tuple[torch.Tensor, ...]:
+        """Clusters per sequence from its first 5 real tokens; the request's Q weights for its representatives."""
+        h, d = self.num_heads, self.head_dim
+
+        def queries_keys(xw: torch.Tensor, sub: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+            q = self.heads(nn.functional.linear(xw, self.q_weight, self.q_bias), h) * self.q_scale
+            k = self.heads(self.k_proj(xw), self.num_kv_heads)
+            return self.adapter.position(q, k, sub)
+
+        reps, cluster_of_head = membership_from_prefix(call, queries_keys, self.group, self.num_clusters, self.scale)
+        w = self.q_weight.view(h, d, -1)[reps]  # [B, C, d, hidden]
+        w_sel = w.reshape(w.shape[0], -1, w.shape[-1])
+        b_sel = None if self.q_bias is None else self.q_bias.view(h, d)[reps].reshape(w.shape[0], -1)
+        return reps, cluster_of_head, w_sel, b_sel

@@ -1,15 +1,17 @@
-"""The fused ONNX `ClusteredAttention` node: its contract as constants, and a float64 torch reference.
+"""The fused ONNX `ClusteredAttention` node: its contract as constants, its attributes from a layer's
+cluster layout, and its reference (the float64 one of kernels/reference.py, with the cache contract).
 
 One node per layer replaces the attention core. Heads are already permuted at export so that cluster c
-is the contiguous head range [cluster_offsets[c], cluster_offsets[c+1]). The exporter, the TensorRT
-plugin (plugins/tensorrt, namespace "chai"), the ONNX Runtime custom op and the tests all read this
-module; plugins/tensorrt/README.md states the same contract in prose.
+is the contiguous head range [cluster_offsets[c], cluster_offsets[c+1]) of `chai_compile.layout`. The
+exporter, the TensorRT plugin (plugins/tensorrt, namespace "chai"), the ONNX Runtime custom op and the
+tests all read this module; plugins/tensorrt/README.md states the same contract in prose. It imports
+neither the rewrite nor the exporter: running a fused graph needs only this.
 
     P_c   = softmax(q_c K_{k_head_index[c]}^T * scale + mask)
     out_i = P_{cluster(i)} V_{v_head_index[i]}
 
 Query row s sits at absolute position P+s and attends key j when attention_mask[b, j] == 1 and, with
-causal=1, j <= P+s. A row with no attended key outputs zeros.
+causal=1, j <= P+s. A row with no attended key follows the reference's masked-row rule (zeros).
 
 Two KV-cache contracts (attribute past_present_share_buffer):
   0, concat:   past_* hold exactly the P past tokens; present_* = concat(past_*, new) [B, H*, P+S, d].
@@ -24,6 +26,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from chai_compile.choices import KVCacheMode
+from chai_compile.kernels.reference import clustered_attention
+from chai_compile.layout import ClusterLayout, check_offsets
 
 OP_TYPE = "ClusteredAttention"
 DOMAIN = "ai.onnx.contrib"  # TensorRT's ONNX parser ignores the domain; onnxruntime-extensions uses it
@@ -48,7 +54,8 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("causal", "int"),
     ("past_present_share_buffer", "int"),
 )
-KV_CACHE_MODES: tuple[str, ...] = ("concat", "inplace")  # past_present_share_buffer 0 / 1
+# past_present_share_buffer per KV-cache mode
+SHARE_BUFFER: dict[KVCacheMode, int] = {KVCacheMode.CONCAT: 0, KVCacheMode.INPLACE: 1}
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
 
 # Inputs and outputs, in order, with their shapes (B batch, C clusters, S new tokens, P past tokens).
@@ -108,17 +115,26 @@ def node_attributes(
     return attrs
 
 
+def layer_attributes(layout: ClusterLayout, *, head_dim: int, scale: float, kv_cache: KVCacheMode) -> dict[str, Any]:
+    """The node attributes of one layer: its indices are the layout's, verbatim."""
+    return node_attributes(
+        num_heads=layout.num_heads, cluster_offsets=list(layout.cluster_offsets),
+        k_head_index=list(layout.k_head_index), v_head_index=list(layout.v_head_index),
+        num_k_heads=len(layout.kept_k_heads), num_v_heads=layout.num_kv_heads, head_dim=head_dim, scale=scale,
+        causal=1, past_present_share_buffer=SHARE_BUFFER[KVCacheMode(kv_cache)])
+
+
 def validate_attributes(attrs: dict[str, Any]) -> None:
     """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin)."""
     missing = [n for n in ATTRIBUTE_NAMES if n not in attrs]
     if missing:
         raise ValueError(f"ClusteredAttention attributes missing: {missing}")
     h, c = int(attrs["num_heads"]), int(attrs["num_clusters"])
-    offs = list(attrs["cluster_offsets"])
     if not 1 <= c <= h:
         raise ValueError(f"num_clusters must be in [1, num_heads={h}], got {c}")
-    if len(offs) != c + 1 or offs[0] != 0 or offs[-1] != h or any(b <= a for a, b in zip(offs, offs[1:], strict=False)):
-        raise ValueError(f"cluster_offsets must be C+1 strictly increasing values from 0 to {h}, got {offs}")
+    check_offsets(attrs["cluster_offsets"], h)
+    if len(attrs["cluster_offsets"]) != c + 1:
+        raise ValueError(f"cluster_offsets must hold num_clusters + 1 = {c + 1} values, got {attrs['cluster_offsets']}")
     if len(attrs["k_head_index"]) != c or not all(0 <= k < int(attrs["num_k_heads"]) for k in attrs["k_head_index"]):
         raise ValueError(f"k_head_index must hold {c} indices in [0, num_k_heads), got {attrs['k_head_index']}")
     if len(attrs["v_head_index"]) != h or not all(0 <= v < int(attrs["num_v_heads"]) for v in attrs["v_head_index"]):
@@ -140,11 +156,10 @@ def clustered_attention_reference(
     """Float64 reference of the node: returns (output [B,S,H*d] float64, present_key, present_value).
 
     present_* follow the attribute's cache contract (concatenation, or the buffer with the new rows written),
-    in the inputs' dtype. Materialises [B, C, S, P+S] scores: keep shapes small.
+    in the inputs' dtype; the attention itself is kernels/reference.py's. Materialises [B, C, S, P+S]
+    scores: keep shapes small.
     """
     validate_attributes(attrs)
-    from chai_compile.kernels.reference import clustered_attention
-
     h = int(attrs["num_heads"])
     b, _, s, d = query.shape
     t = attention_mask.shape[1]
