@@ -41,7 +41,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         raise ExportError("--mapping is required", fix="pass --mapping MAPPING.json, or --no-mapping for the original")
     if fmt == "tensorrt":
         attention = "fused"  # the engine needs the plugin node
-        from chai_compile.export_tensorrt import import_tensorrt
+        from chai_compile.export.tensorrt import import_tensorrt
 
         import_tensorrt()  # one-line ExportError when TensorRT is missing, before any work
         if not plugin_library().is_file():
@@ -124,7 +124,7 @@ def plugin_library() -> Path:
 
 
 def _build_engine(res: Any, stage: Path, dtype: str) -> None:
-    from chai_compile.export_tensorrt import build_engine, symbolic_profile
+    from chai_compile.export.tensorrt import build_engine, symbolic_profile
 
     shapes = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "total"], "position_ids": ["batch", "seq"]}
     for i, (kh, vh) in enumerate(zip(res.cache.k_heads, res.cache.v_heads, strict=True)):
