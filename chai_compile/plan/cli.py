@@ -6,7 +6,8 @@ import dataclasses
 
 import click
 
-from chai_compile.choices import BUILTIN_CALIBRATION
+from chai_compile.choices import BUILTIN_CALIBRATION, DType
+from chai_compile.cli_parse import dtype_option
 from chai_compile.errors import ClusteringError
 from chai_compile.plan.options import PlanOptions, Refit
 
@@ -34,13 +35,13 @@ WEIGHTS_FILE = "plan.weights.safetensors"
 @click.option("--query-steps", default=150, show_default=True, help="Adam steps of the shared-query fit.")
 @click.option("--dense-layers", default="", help="Layers never touched, e.g. 0-1.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@dtype_option()
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, calib: str, samples: int,
          refit_samples: int, seq_len: int | None, batch_size: int, per_round: int, refit: str, query_steps: int,
-         dense_layers: str, seed: int, dtype: str, device: str, out_dir: str, overwrite: bool) -> None:
+         dense_layers: str, seed: int, dtype: DType, device: str, out_dir: str, overwrite: bool) -> None:
     """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
     from chai_compile.cli_parse import expand_ranges, parse_ranges
     from chai_compile.fileio import claim_output_dir, write_json

@@ -13,6 +13,7 @@ import torch
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
+from chai_compile.choices import LayerKind
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
@@ -109,12 +110,13 @@ def _mapping(info, mods: list[SharedScoresAttention], group: int, opts: PlanOpti
     layers = []
     for m in mods:
         if m.source == list(range(m.num_heads)):
-            layers.append(LayerMapping(m.layer, "dense"))
+            layers.append(LayerMapping(m.layer, LayerKind.DENSE))
             continue
         clusters: dict[int, list[int]] = {}
         for h, r in enumerate(m.source):
             clusters.setdefault(r, []).append(h)
-        layers.append(LayerMapping(m.layer, "clustered", tuple(Cluster(tuple(hs), r) for r, hs in clusters.items())))
+        groups = tuple(Cluster(tuple(hs), r) for r, hs in clusters.items())
+        layers.append(LayerMapping(m.layer, LayerKind.CLUSTERED, groups))
     settings = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(opts).items()
                 if k != "calib"}
     provenance = {"tool": "chai-compile", "tool_version": __version__, "planner": "measured-kl-greedy",
