@@ -63,6 +63,8 @@ SLOW_TESTS = {
     "test_verify.py::test_scores_on_stories_are_stable",  # 8.6: every task on stories260K
     "test_runtime_files.py::test_genai_pack_refuses_an_original_export",  # 7.1: a second export
     "test_profile.py::test_profile_overrides",  # 5.1: a profile in a subprocess
+    "test_profile.py::test_bad_input_one_line_error_no_output",  # 3.4-5.0 each, 7 cases: one process each
+    "test_verify.py::test_sweep_from_a_profile",  # 3.6-10: a profile, then a sweep of its budgets
 }
 # Modules that need CUDA throughout (the other GPU tests say so in their skipif reason).
 GPU_MODULES = {"test_rewrite_gpu.py"}
