@@ -104,18 +104,18 @@ def make_mapping(sizes: list[int], v_heads: list[int], k_heads: list[int] | None
     for s in sizes:
         offs.append(offs[-1] + s)
     k_heads = k_heads if k_heads is not None else list(range(len(sizes)))
-    kept = len(set(k_heads))
-    cl = [c for c, n in enumerate(sizes) for _ in range(n)]
-    return {
+    m = {
         "offsets": torch.tensor(offs, dtype=torch.int32, device=DEVICE),
         "k_index": torch.tensor(k_heads, dtype=torch.int32, device=DEVICE),
         "v_index": torch.tensor(v_heads, dtype=torch.int32, device=DEVICE),
         "sizes": sizes,
-        "k_heads_kept": kept,
+        "k_heads_kept": len(set(k_heads)),
         "v_heads": len(set(v_heads)),
-        # distinct (cluster, V head) pairs: GQA heads of one cluster on one V head have equal outputs
-        "slots": len(set(zip(cl, v_heads, strict=True))),
     }
+    # distinct (cluster, V head) pairs, as the kernels' plan counts them (GQA heads of one cluster on one
+    # V head have equal outputs)
+    m["slots"] = get_plan(m["offsets"], m["k_index"], m["v_index"]).num_slots
+    return m
 
 
 def gqa_aligned(c: int, hv: int = 8) -> dict:

@@ -63,7 +63,7 @@ def worker(args: argparse.Namespace) -> None:
     profile_s = time.perf_counter() - t0
     res = plan_model(loaded, PlanOptions(calib=args.calib, kv_target=level, refit=Refit.ALL, seq_len=args.plan_seq_len,
                                          samples=args.plan_samples, distill_steps=args.distill_steps,
-                                         distill_lr=args.distill_lr, copy_weight=args.copy_weight),
+                                         distill_lr=args.distill_lr),
                      progress=False)
     plan_dir = out / tag
     plan_dir.mkdir(exist_ok=True)
@@ -157,7 +157,6 @@ def main() -> None:
     ap.add_argument("--plan-samples", type=int, default=4, help="plan's scoring windows")
     ap.add_argument("--distill-steps", type=int, default=200, help="plan's end-to-end distillation steps (0: off)")
     ap.add_argument("--distill-lr", type=float, default=5e-5, help="plan's distillation learning rate")
-    ap.add_argument("--copy-weight", type=float, default=0.0, help="plan's extra weight of copy positions")
     ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS),
                     help=f"which of {','.join(VARIANTS)} to evaluate")
     ap.add_argument("--combine-only", action="store_true",

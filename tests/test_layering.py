@@ -26,7 +26,7 @@ STAGES = {
     "plan": 3,
     "kernels": 4,
     "rewrite": 5,
-    **dict.fromkeys(["export", "export_tensorrt", "runtime"], 6),
+    **dict.fromkeys(["export", "runtime"], 6),
     "verify": 7,
     **dict.fromkeys(["cli", "__main__"], 8),
 }

@@ -1,5 +1,7 @@
-"""TensorRT ClusteredAttention plugin: build + exported symbols, field names vs the fused-op contract,
-a CPU smoke test of the plugin object model, and (GPU only) the kernel entry point against the reference.
+"""TensorRT ClusteredAttention plugin: the field declaration (clusteredAttentionConfig.h, built with g++)
+against the fused-op contract, build + exported symbols, a CPU smoke test of the plugin object model that
+checks the creator's and the serialized fields against the contract, and (GPU only) the kernel entry
+point against the reference.
 
 Set CHAI_TRT_BUILD_DIR to reuse a build directory (the GPU machine builds once, tests reuse it).
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,13 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from chai_compile.export.plugin_kernel import layer_params, load_kernel
 from chai_compile.kernels import fused_op
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR = ROOT / "plugins" / "tensorrt"
-PLUGIN_HEADER = PLUGIN_DIR / "clusteredAttentionPlugin.h"
-PLUGIN_SOURCE = PLUGIN_DIR / "clusteredAttentionPlugin.cpp"
-MAX_HEADS = 256
 
 
 def _nvcc() -> str | None:
@@ -113,47 +112,54 @@ def test_plugin_library_exports_creator_symbols(build_dir: Path) -> None:
     } <= harness
 
 
-def test_plugin_smoke_via_get_creators(build_dir: Path) -> None:
-    """Creator/plugin object model on the CPU: fields, capabilities, types, formats, serialize, clone."""
-    exe = build_dir / "chai_plugin_smoke"
-    run = subprocess.run([str(exe), str(build_dir / "libchai_trt_plugin.so")], capture_output=True, text=True)
-    assert run.returncode == 0 and "SMOKE OK" in run.stdout, run.stdout + run.stderr
-
-
-# ---------------------------------------------------------------------------------------------------
-# (b) the creator's declared fields == the fused ONNX node's attributes
-
 _TRT_TYPE = {"string": "kCHAR", "int": "kINT32", "ints": "kINT32", "float": "kFLOAT32"}
 
 
-def declared_plugin_fields() -> list[tuple[str, str, str]]:
-    """(name, TensorRT field type, ONNX type) from the single list in clusteredAttentionPlugin.h."""
-    text = PLUGIN_HEADER.read_text()
-    block = text.split("// CHAI_FIELDS_BEGIN", 1)[1].split("// CHAI_FIELDS_END", 1)[0]
-    return re.findall(r"X\((\w+),\s*(k\w+),\s*(\w+)\)", block)
+def test_plugin_smoke_via_get_creators(build_dir: Path) -> None:
+    """Creator/plugin object model on the CPU: fields, capabilities, types, formats, serialize, clone.
+    The creator's fields are the fused node's attributes, in order and of the matching TensorRT types; the
+    smoke test itself checks that the serialized fields are the declared ones."""
+    exe = build_dir / "chai_plugin_smoke"
+    run = subprocess.run([str(exe), str(build_dir / "libchai_trt_plugin.so")], capture_output=True, text=True)
+    assert run.returncode == 0 and "SMOKE OK" in run.stdout, run.stdout + run.stderr
+    fields = [tuple(line.split()[1:]) for line in run.stdout.splitlines() if line.startswith("field ")]
+    assert fields == [(name, _TRT_TYPE[onnx]) for name, onnx in fused_op.ATTRIBUTES]
 
 
-def test_declared_fields_match_fused_op_attributes() -> None:
-    declared = declared_plugin_fields()
-    assert declared, "no field list found between CHAI_FIELDS_BEGIN/END"
-    assert [(n, onnx) for n, _, onnx in declared] == list(fused_op.ATTRIBUTES)
-    for name, trt_type, onnx_type in declared:
-        assert _TRT_TYPE[onnx_type] == trt_type, f"{name}: ONNX {onnx_type} must map to {_TRT_TYPE[onnx_type]}"
+# ---------------------------------------------------------------------------------------------------
+# (b) the one field declaration (clusteredAttentionConfig.h) == the fused ONNX node's attributes
 
 
-def test_serialized_fields_match_declared_fields() -> None:
-    """getFieldsToSerialize writes every declared field, in order (else a deserialized engine loses one)."""
-    text = PLUGIN_SOURCE.read_text()
-    body = text.split("getFieldsToSerialize() noexcept", 1)[1].split("return &mSerialCollection", 1)[0]
-    serialized = re.findall(r'PluginField\("(\w+)"', body)
-    assert serialized == [n for n, _, _ in declared_plugin_fields()]
+@pytest.fixture(scope="session")
+def declared(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
+    """The lines tools/printFields.cpp prints, built with the C++ compiler alone (no CUDA, no TensorRT)."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    exe = tmp_path_factory.mktemp("fields") / "print_fields"
+    subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-DCHAI_KERNEL_NO_CUDA", f"-I{PLUGIN_DIR}",
+                    str(PLUGIN_DIR / "tools" / "printFields.cpp"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    return [line.split(" ", 2) if line.startswith("valid") else line.split() for line in out.splitlines()]
 
 
-def test_plugin_identity_matches_contract() -> None:
-    text = PLUGIN_HEADER.read_text()
-    assert f'kPluginName = "{fused_op.PLUGIN_NAME}"' in text
-    assert f'kPluginVersion = "{fused_op.PLUGIN_VERSION}"' in text
-    assert f'kPluginNamespace = "{fused_op.PLUGIN_NAMESPACE}"' in text
+def test_declared_fields_match_fused_op_attributes(declared: list[list[str]]) -> None:
+    fields = [row[1:] for row in declared if row[0] == "field"]
+    assert [(name, onnx) for name, onnx, _ in fields] == list(fused_op.ATTRIBUTES)
+    # Graphs and engines from before the in-place contract lack past_present_share_buffer; the identity
+    # strings default to the plugin's own. Every other attribute must be there.
+    optional = {name for name, _, need in fields if need == "optional"}
+    assert optional == {"plugin_namespace", "plugin_version", "past_present_share_buffer"}
+
+
+def test_declared_validation_refuses_defaults_and_accepts_a_layer(declared: list[list[str]]) -> None:
+    (default_ok, default_says), (small_ok, _) = [row[1:3] for row in declared if row[0] == "valid"]
+    assert default_ok == "0" and "num_heads must be in [1, 256]" in default_says
+    assert small_ok == "1"
+
+
+def test_plugin_identity_matches_contract(declared: list[list[str]]) -> None:
+    assert ["plugin", fused_op.PLUGIN_NAME, fused_op.PLUGIN_VERSION, fused_op.PLUGIN_NAMESPACE] in declared
     assert fused_op.OP_TYPE == fused_op.PLUGIN_NAME == "ClusteredAttention"
     readme = (PLUGIN_DIR / "README.md").read_text()
     for name in (*fused_op.ATTRIBUTE_NAMES, *fused_op.INPUTS, *fused_op.OUTPUTS):
@@ -205,56 +211,13 @@ def test_reference_rows_without_keys_are_zero() -> None:
 # (c) GPU: the C entry point the plugin's enqueue calls, through ctypes, against the reference
 
 
-class ChaiClusteredAttentionParams(ctypes.Structure):
-    """Mirror of ChaiClusteredAttentionParams in clusteredAttentionKernel.h (checked with ParamsSize)."""
-
-    _fields_ = [
-        ("batch", ctypes.c_int32),
-        ("seq_len", ctypes.c_int32),
-        ("past_len", ctypes.c_int32),
-        ("cache_len", ctypes.c_int32),
-        ("share_buffer", ctypes.c_int32),
-        ("num_heads", ctypes.c_int32),
-        ("num_clusters", ctypes.c_int32),
-        ("num_k_heads", ctypes.c_int32),
-        ("num_v_heads", ctypes.c_int32),
-        ("head_dim", ctypes.c_int32),
-        ("scale", ctypes.c_float),
-        ("causal", ctypes.c_int32),
-        ("dtype", ctypes.c_int32),
-        ("mask_dtype", ctypes.c_int32),
-        ("cluster_offsets", ctypes.c_int32 * (MAX_HEADS + 1)),
-        ("k_head_index", ctypes.c_int32 * MAX_HEADS),
-        ("v_head_index", ctypes.c_int32 * MAX_HEADS),
-        ("query", ctypes.c_void_p),
-        ("key", ctypes.c_void_p),
-        ("value", ctypes.c_void_p),
-        ("past_key", ctypes.c_void_p),
-        ("past_value", ctypes.c_void_p),
-        ("attention_mask", ctypes.c_void_p),
-        ("output", ctypes.c_void_p),
-        ("present_key", ctypes.c_void_p),
-        ("present_value", ctypes.c_void_p),
-        ("workspace", ctypes.c_void_p),
-        ("workspace_bytes", ctypes.c_size_t),
-        ("num_splits", ctypes.c_int32),
-    ]
-
-
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ATOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="session")
 def harness(build_dir: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_dir / "libchai_attention_kernel.so"))
-    lib.chaiClusteredAttentionEnqueue.argtypes = [ctypes.POINTER(ChaiClusteredAttentionParams), ctypes.c_void_p]
-    lib.chaiClusteredAttentionEnqueue.restype = ctypes.c_int
-    lib.chaiClusteredAttentionWorkspaceSize.argtypes = [ctypes.POINTER(ChaiClusteredAttentionParams)]
-    lib.chaiClusteredAttentionWorkspaceSize.restype = ctypes.c_size_t
-    lib.chaiClusteredAttentionParamsSize.restype = ctypes.c_size_t
-    assert lib.chaiClusteredAttentionParamsSize() == ctypes.sizeof(ChaiClusteredAttentionParams)
-    return lib
+    return load_kernel(build_dir)
 
 
 def run_harness(
@@ -282,20 +245,11 @@ def run_harness(
         pres_k = torch.full((b, k.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
         pres_v = torch.full((b, v.shape[1], p + s, d), float("nan"), dtype=q.dtype, device=q.device)
 
-    prm = ChaiClusteredAttentionParams()
+    prm = layer_params(attrs)
     prm.batch, prm.seq_len, prm.past_len = b, s, p
     prm.cache_len, prm.share_buffer = pk.shape[2], int(share)
-    prm.num_heads, prm.num_clusters = h, attrs["num_clusters"]
-    prm.num_k_heads, prm.num_v_heads, prm.head_dim = attrs["num_k_heads"], attrs["num_v_heads"], d
-    prm.scale, prm.causal = attrs["scale"], attrs["causal"]
     prm.dtype = _DTYPE_CODE[q.dtype]
     prm.mask_dtype = 1 if mask.dtype == torch.int64 else 0
-    for i, x in enumerate(attrs["cluster_offsets"]):
-        prm.cluster_offsets[i] = x
-    for i, x in enumerate(attrs["k_head_index"]):
-        prm.k_head_index[i] = x
-    for i, x in enumerate(attrs["v_head_index"]):
-        prm.v_head_index[i] = x
     ws = torch.empty(lib.chaiClusteredAttentionWorkspaceSize(ctypes.byref(prm)), dtype=torch.uint8, device=q.device)
     for name, t in (
         ("query", q),

@@ -11,11 +11,13 @@ from typing import Any
 
 import click
 
-from chai_compile.choices import GREEDY_STEPS
-from chai_compile.errors import ExportError, ValidationFailed
+from chai_compile.choices import GREEDY_STEPS, AttentionForm, DType, ExportFormat, KVCacheMode
+from chai_compile.cli_parse import choice_option, dtype_option
+from chai_compile.errors import ExportError, UsageError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
 
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+# The dtypes an export writes (ONNX Runtime's CPU kernels and TensorRT's builder flags), in both spellings.
+EXPORT_DTYPES = ("float32", "fp32", "float16", "fp16")
 
 
 def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
@@ -32,16 +34,24 @@ def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
                opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print,
-               kv_cache: str = "concat") -> dict[str, Any]:
+               kv_cache: str = KVCacheMode.CONCAT) -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, runtime_files, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import write_json
 
+    try:  # callers other than the command line hand over plain strings, in either dtype spelling
+        fmt, attention = ExportFormat.parse(fmt, "--format"), AttentionForm.parse(attention, "--attention")
+        dtype, kv_cache = DType.parse(dtype), KVCacheMode.parse(kv_cache, "--kv-cache")
+    except ValueError as e:
+        raise UsageError(str(e), fix="see `chai-compile export --help`") from None
+    if dtype not in (DType.FLOAT32, DType.FLOAT16):
+        raise UsageError("export writes float32 or float16 graphs", value=str(dtype), fix="pass --dtype float16")
+
     if not no_mapping and not mapping_path:
         raise ExportError("--mapping is required", fix="pass --mapping MAPPING.json, or --no-mapping for the original")
-    if fmt == "tensorrt":
-        attention = "fused"  # the engine needs the plugin node
-        from chai_compile.export_tensorrt import import_tensorrt
+    if fmt == ExportFormat.TENSORRT:
+        attention = AttentionForm.FUSED  # the engine needs the plugin node
+        from chai_compile.export.tensorrt import import_tensorrt
 
         import_tensorrt()  # one-line ExportError when TensorRT is missing, before any work
         if not plugin_library().is_file():
@@ -49,9 +59,9 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                               fix="cmake -S plugins/tensorrt -B plugins/tensorrt/build && cmake --build "
                                   "plugins/tensorrt/build, or set CHAI_TRT_PLUGIN to the .so")
     onnx_export.check_opset(attention, opset)
-    if no_mapping and attention == "fused":
+    if no_mapping and attention == AttentionForm.FUSED:
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
-    if kv_cache == "inplace" and attention != "fused":
+    if kv_cache == KVCacheMode.INPLACE and attention != AttentionForm.FUSED:
         raise ExportError("the in-place KV cache needs the fused form", value=attention, fix="add --attention fused")
     with claim_output_dir(out, overwrite) as claim:  # locked and checked before loading anything
         from chai_compile.mapping import ClusterMapping
@@ -63,7 +73,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         release_memory()  # the reference's activations
         cache = onnx_export.cache_spec(source)
         side_files = runtime_files.runtime_files(source, tokenizer, cache, dtype)  # before the export empties it
-        if dtype == "fp16":
+        if dtype == DType.FLOAT16:
             source.half()  # the reference above stays fp32, as the fp16 tolerance assumes
         meta = onnx_export.provenance_metadata(mapping, source=model, attention=attention, dtype=dtype, opset=opset,
                                                cache=cache, kv_cache=kv_cache)
@@ -81,7 +91,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                     weights = Path(mapping.source_dir or ".") / mapping.weights.file
                     shutil.copyfile(weights, stage / mapping.weights.file)
             runtime_files.write_runtime_files(stage, side_files)
-            if attention == "fused" and dtype != "fp32":
+            if attention == AttentionForm.FUSED and dtype != DType.FLOAT32:
                 report = {"passed": None, "skipped": "the fused node's ONNX Runtime CPU kernels are float32 only"}
             else:
                 report = validate.compare(reference, OrtDecoder(stage), tokenizer, dtype=dtype)
@@ -91,7 +101,7 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                     f"exported graph disagrees with PyTorch: max abs diff {report['max_abs_diff_past0']:.3g} / "
                     f"{report['max_abs_diff_past']:.3g} (tolerance {report['atol']}), greedy identical: "
                     f"{report['greedy_identical']}")
-            if fmt == "tensorrt":
+            if fmt == ExportFormat.TENSORRT:
                 _build_engine(res, stage, dtype)
             man = manifest.build_manifest(
                 stage, res.path, source_model=model, attention=attention if mapping else "original", dtype=dtype,
@@ -123,8 +133,8 @@ def plugin_library() -> Path:
     return Path(os.environ.get("CHAI_TRT_PLUGIN", default))
 
 
-def _build_engine(res: Any, stage: Path, dtype: str) -> None:
-    from chai_compile.export_tensorrt import build_engine, symbolic_profile
+def _build_engine(res: Any, stage: Path, dtype: DType) -> None:
+    from chai_compile.export.tensorrt import build_engine, symbolic_profile
 
     shapes = {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "total"], "position_ids": ["batch", "seq"]}
     for i, (kh, vh) in enumerate(zip(res.cache.k_heads, res.cache.v_heads, strict=True)):
@@ -132,25 +142,25 @@ def _build_engine(res: Any, stage: Path, dtype: str) -> None:
         shapes[f"past_key_values.{i}.value"] = ["batch", vh, "past", res.cache.head_dim]
     ranges = {"batch": (1, 1, 8), "seq": (1, 1, 2048), "past": (0, 512, 2048), "total": (1, 513, 4096)}
     build_engine(res.path, plugin_library(), stage / "tensorrt", [symbolic_profile(shapes, ranges)],
-                 fp16=dtype == "fp16")
+                 fp16=dtype == DType.FLOAT16)
 
 
 @click.command("export")
 @click.argument("model")
 @click.option("--mapping", "mapping_path", default=None, type=click.Path(), help="Cluster mapping JSON.")
 @click.option("--no-mapping", is_flag=True, help="Export the original model (same exporter, for comparison).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
-@click.option("--attention", type=click.Choice(["portable", "fused"]), default="portable", show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@choice_option("--format", "fmt", enum=ExportFormat, default=ExportFormat.ONNX)
+@choice_option("--attention", enum=AttentionForm, default=AttentionForm.PORTABLE)
+@dtype_option(accepted=EXPORT_DTYPES, help="float32 or float16 (fp32/fp16 accepted too).")
 @click.option("--opset", type=int, default=23, show_default=True)
 @click.option("--out", "out", required=True, type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--steps", type=click.IntRange(min=1), default=GREEDY_STEPS, show_default=True,
               help="Greedy steps compared.")
-@click.option("--kv-cache", "kv_cache", type=click.Choice(["concat", "inplace"]), default="concat", show_default=True,
-              help="inplace: past and present share one preallocated buffer per layer (needs --attention fused).")
-def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str, opset: int,
-           out: str, overwrite: bool, steps: int, kv_cache: str) -> None:
+@choice_option("--kv-cache", "kv_cache", enum=KVCacheMode, default=KVCacheMode.CONCAT,
+               help="inplace: past and present share one preallocated buffer per layer (needs --attention fused).")
+def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: ExportFormat, attention: AttentionForm,
+           dtype: DType, opset: int, out: str, overwrite: bool, steps: int, kv_cache: KVCacheMode) -> None:
     """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
     man = run_export(model, mapping_path, no_mapping, fmt, attention, dtype, opset, out, overwrite, steps,
                      log=lambda m: click.echo(m, err=True), kv_cache=kv_cache)

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chai_compile.choices import DType
 from chai_compile.export.onnx_export import GRAPH_NAME, CacheSpec
 
 TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -128,7 +129,7 @@ def genai_config(config: dict[str, Any], gen: dict[str, Any], cache: CacheSpec, 
 
 def runtime_files(model: Any, tokenizer: Any, cache: CacheSpec, dtype: str) -> dict[str, str]:
     """name -> text of every runtime file. Taken before the export, which empties the model's weights."""
-    cfg = hf_config(model, cache, "float16" if dtype == "fp16" else "float32")
+    cfg = hf_config(model, cache, DType.parse(dtype).value)
     gen = generation_config(model)
     ctx = context_length(model.config)
     files = {"config.json": cfg, "generation_config.json": gen, "genai_config.json": genai_config(cfg, gen, cache, ctx)}

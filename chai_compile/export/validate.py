@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from chai_compile.choices import GREEDY_STEPS  # noqa: F401  (re-exported)
+from chai_compile.choices import GREEDY_STEPS, DType
 from chai_compile.compat import model_forward
 from chai_compile.export.ort_runner import OrtDecoder
 
@@ -97,7 +97,7 @@ def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Re
     return Reference(ids.numpy(), logits, pad_ids.numpy(), pmask.numpy(), plogits, greedy, logits64, plogits64, error)
 
 
-def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32",
+def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = DType.FLOAT32,
             atol: float | None = None) -> dict[str, Any]:
     """Numbers and pass/fail of the decoder against `ref`.
 
@@ -105,7 +105,8 @@ def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str =
     PyTorch model's own distance from float64 where rounding over many layers exceeds that (the graph
     may be no less exact than its source). fp16 graphs: relative to the logit scale, against fp32.
     """
-    fp32 = dtype == "fp32" and ref.logits64 is not None
+    dtype = DType.parse(dtype)  # manifests before one spelling say "fp32"
+    fp32 = dtype == DType.FLOAT32 and ref.logits64 is not None
     if atol is None:
         atol = max(FP32_ATOL, 2 * ref.torch_fp32_error) if fp32 else FP16_RELATIVE * float(np.abs(ref.logits).max())
     want, pwant = (ref.logits64, ref.padded_logits64) if fp32 else (ref.logits, ref.padded_logits)
@@ -136,11 +137,11 @@ def compare(ref: Reference, decoder: OrtDecoder, tokenizer: Any, *, dtype: str =
         "greedy_steps_matching": same, "greedy_first_difference": first_diff,
         "greedy_text": [tokenizer.decode(list(r)) for r in have],
         # fp16 against an fp32 reference may legitimately flip a near-tie token: report it, judge logits only
-        "passed": logits_ok and (tokens_ok or dtype != "fp32"),
+        "passed": logits_ok and (tokens_ok or dtype != DType.FLOAT32),
     }
 
 
-def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = "fp32", steps: int = GREEDY_STEPS,
-             atol: float | None = None) -> dict[str, Any]:
+def validate(model: nn.Module, decoder: OrtDecoder, tokenizer: Any, *, dtype: str = DType.FLOAT32,
+             steps: int = GREEDY_STEPS, atol: float | None = None) -> dict[str, Any]:
     """`reference` then `compare`, for callers that keep the model anyway."""
     return compare(reference(model, tokenizer, steps), decoder, tokenizer, dtype=dtype, atol=atol)

@@ -6,7 +6,8 @@ import dataclasses
 
 import click
 
-from chai_compile.choices import BUILTIN_CALIBRATION
+from chai_compile.choices import BUILTIN_CALIBRATION, DType
+from chai_compile.cli_parse import dtype_option
 from chai_compile.errors import ClusteringError
 from chai_compile.plan.options import PlanOptions, Refit
 
@@ -36,18 +37,16 @@ WEIGHTS_FILE = "plan.weights.safetensors"
               help="End-to-end distillation steps of the refit weights after the layer-local refits (0: off).")
 @click.option("--distill-batch", default=4, show_default=True, help="Windows per distillation step.")
 @click.option("--distill-lr", default=5e-5, show_default=True, help="Adam learning rate of the distillation.")
-@click.option("--copy-weight", default=0.0, show_default=True,
-              help="Extra weight of in-context copy positions in the planner's KL (0: every token alike).")
 @click.option("--dense-layers", default="", help="Layers never touched, e.g. 0-1.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True)
+@dtype_option()
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, calib: str, samples: int,
          refit_samples: int, seq_len: int | None, batch_size: int, per_round: int, refit: str, query_steps: int,
-         distill_steps: int, distill_batch: int, distill_lr: float, copy_weight: float, dense_layers: str,
-         seed: int, dtype: str, device: str, out_dir: str, overwrite: bool) -> None:
+         distill_steps: int, distill_batch: int, distill_lr: float, dense_layers: str,
+         seed: int, dtype: DType, device: str, out_dir: str, overwrite: bool) -> None:
     """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
     from chai_compile.cli_parse import expand_ranges, parse_ranges
     from chai_compile.fileio import claim_output_dir, write_json
@@ -56,7 +55,7 @@ def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, ca
     opts = PlanOptions(calib=calib, kv_target=kv_target, max_ppl_increase=max_ppl_increase, samples=samples,
                        refit_samples=refit_samples, seq_len=seq_len, batch_size=batch_size, per_round=per_round,
                        refit=Refit(refit), query_steps=query_steps, distill_steps=distill_steps,
-                       distill_batch=distill_batch, distill_lr=distill_lr, copy_weight=copy_weight, seed=seed)
+                       distill_batch=distill_batch, distill_lr=distill_lr, seed=seed)
     opts.check()  # budget and sizes before anything heavy is imported or loaded
     with claim_output_dir(out_dir, overwrite) as claim:
         from chai_compile.loading import load_model

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from chai_compile.plan.copy_weight import token_weights
 from chai_compile.plan.shared_scores import SharedScoresAttention
 
 
@@ -50,17 +49,13 @@ def _trainable(m: SharedScoresAttention) -> list[torch.Tensor]:
     return [t for t in (m.q_weight, m.q_bias, m.o_weight) if t is not None]
 
 
-def _kl(model: nn.Module, modules: Sequence[SharedScoresAttention], ids: torch.Tensor,
-        copy_weight: float) -> torch.Tensor:
-    """Weighted mean KL(original || current) per predicted token on one batch (the planner's objective);
-    differentiable in the refit tensors."""
-    device = next(model.parameters()).device
-    w = token_weights(ids, copy_weight).to(device)
-    ids = ids.to(device)
+def _kl(model: nn.Module, modules: Sequence[SharedScoresAttention], ids: torch.Tensor) -> torch.Tensor:
+    """Mean KL(original || current) per predicted token on one batch; differentiable in the refit tensors."""
+    ids = ids.to(next(model.parameters()).device)
     with torch.no_grad(), _original(modules):
         ref = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
     lp = model(input_ids=ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    return ((ref.exp() * (ref - lp)).sum(-1) * w).sum() / w.sum()
+    return (ref.exp() * (ref - lp)).sum(-1).mean()
 
 
 def _snapshot(modules: Sequence[SharedScoresAttention]) -> list[tuple]:
@@ -69,7 +64,7 @@ def _snapshot(modules: Sequence[SharedScoresAttention]) -> list[tuple]:
 
 
 def distill(model: nn.Module, modules: Sequence[SharedScoresAttention], train: torch.Tensor, held_out: torch.Tensor,
-            batch_size: int, steps: int, lr: float = 5e-5, evals: int = 5, copy_weight: float = 0.0,
+            batch_size: int, steps: int, lr: float = 5e-5, evals: int = 5,
             progress: bool = True) -> dict:
     """Train the clustered layers' refit tensors on `train` windows; keep the step with the best held-out KL.
 
@@ -82,7 +77,7 @@ def distill(model: nn.Module, modules: Sequence[SharedScoresAttention], train: t
 
     def held_kl() -> float:
         with torch.no_grad():
-            return sum(_kl(model, modules, held_out[i : i + batch_size], copy_weight).item()
+            return sum(_kl(model, modules, held_out[i : i + batch_size]).item()
                        for i in range(0, len(held_out), batch_size)) / max(1, -(-len(held_out) // batch_size))
 
     start = _snapshot(todo)
@@ -99,7 +94,7 @@ def distill(model: nn.Module, modules: Sequence[SharedScoresAttention], train: t
         for step in tqdm(range(1, steps + 1), desc="distill", unit="step", disable=not progress):
             idx = torch.randint(len(train), (min(batch_size, len(train)),), generator=gen)
             opt.zero_grad(set_to_none=True)
-            _kl(model, modules, train[idx], copy_weight).backward()
+            _kl(model, modules, train[idx]).backward()
             opt.step()
             if step % every == 0 or step == steps:
                 kl = held_kl()

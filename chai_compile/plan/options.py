@@ -36,9 +36,6 @@ class PlanOptions:
     distill_steps: int = 200
     distill_batch: int = 4
     distill_lr: float = 5e-5
-    # Extra weight of copy positions (a bigram's second occurrence) in the KL that selection and distillation
-    # minimise; 0 weighs every token alike. See plan/copy_weight.py.
-    copy_weight: float = 0.0
     dense_layers: tuple[int, ...] = ()
     seed: int = 0
 
@@ -56,9 +53,6 @@ class PlanOptions:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ClusteringError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
                                       fix=f"pass --{name.replace('_', '-')} 1 or more")
-        if self.copy_weight < 0:
-            raise ClusteringError("--copy-weight must be 0 or more", value=self.copy_weight,
-                                  fix="pass --copy-weight 0 to weigh every token alike")
         if self.distill_steps < 0:
             raise ClusteringError("--distill-steps must be 0 (off) or more", value=self.distill_steps,
                                   fix="pass --distill-steps 0 to skip distillation, or a step count such as 200")

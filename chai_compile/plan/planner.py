@@ -13,6 +13,7 @@ import torch
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
+from chai_compile.choices import LayerKind
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
@@ -53,7 +54,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
             f"--kv-target {opts.kv_target} cannot be met: every clustered layer keeps at least one K head, so the "
             f"best reachable is {100 * reachable / (2 * total_k):.1f}% KV saving",
             fix=f"pass --kv-target {reachable / (2 * total_k):.3f} or less, or keep fewer --dense-layers")
-    scorer = Scorer(model, scoring, opts.batch_size, opts.copy_weight)  # the original's reference, before any swap
+    scorer = Scorer(model, scoring, opts.batch_size)  # the original's reference, before any swap
     base_kl, base_ppl = scorer.measure()
     max_ppl = None if opts.max_ppl_increase is None else base_ppl * (1 + opts.max_ppl_increase)
     stages: dict[str, Any] = {}
@@ -72,7 +73,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
             stages["output"] = _keep_if_better(scorer, stages, mods, ("o_weight",), t0, fitted=fitted)
         if opts.refit == Refit.ALL and opts.distill_steps > 0:
             run = distill(model, mods, windows[opts.samples :], scoring, opts.distill_batch, opts.distill_steps,
-                          lr=opts.distill_lr, copy_weight=opts.copy_weight, progress=progress)
+                          lr=opts.distill_lr, progress=progress)
             stages["distill"] = _stage(scorer, time.perf_counter() - t0, kept=run["kept_step"] > 0, **run)
         mapping = _mapping(info, mods, spec.group_size, opts, calib)
         weights = _weights(mods)
@@ -114,12 +115,13 @@ def _mapping(info, mods: list[SharedScoresAttention], group: int, opts: PlanOpti
     layers = []
     for m in mods:
         if m.source == list(range(m.num_heads)):
-            layers.append(LayerMapping(m.layer, "dense"))
+            layers.append(LayerMapping(m.layer, LayerKind.DENSE))
             continue
         clusters: dict[int, list[int]] = {}
         for h, r in enumerate(m.source):
             clusters.setdefault(r, []).append(h)
-        layers.append(LayerMapping(m.layer, "clustered", tuple(Cluster(tuple(hs), r) for r, hs in clusters.items())))
+        groups = tuple(Cluster(tuple(hs), r) for r, hs in clusters.items())
+        layers.append(LayerMapping(m.layer, LayerKind.CLUSTERED, groups))
     settings = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(opts).items()
                 if k != "calib"}
     provenance = {"tool": "chai-compile", "tool_version": __version__, "planner": "measured-kl-greedy",

@@ -20,7 +20,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from chai_compile.adapters import ModelAdapter
-from chai_compile.plan.copy_weight import token_weights
 from chai_compile.plan.shared_scores import SharedScoresAttention
 
 
@@ -37,12 +36,10 @@ class Round:
 class Scorer:
     """KL and perplexity of the planning model against the original's stored log-probabilities."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int, copy_weight: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.device = next(model.parameters()).device
         self.reference = [self._logprobs(b).to(torch.float16) for b in self._batches()]
-        # Per-position KL weights (see copy_weight.py); all ones when copy_weight is 0.
-        self.weights = [token_weights(b, copy_weight).to(self.device) for b in self._batches()]
 
     def _batches(self) -> list[torch.Tensor]:
         return [self.windows[i : i + self.batch_size] for i in range(0, len(self.windows), self.batch_size)]
@@ -54,18 +51,17 @@ class Scorer:
 
     @torch.no_grad()
     def measure(self) -> tuple[float, float]:
-        """(weighted mean KL(original || current) per token, perplexity of the next token)."""
-        kl = nll = total_w = 0.0
+        """(mean KL(original || current) per token, perplexity of the next token)."""
+        kl = nll = 0.0
         n = 0
-        for ids, ref, w in zip(self._batches(), self.reference, self.weights, strict=True):
+        for ids, ref in zip(self._batches(), self.reference, strict=True):
             lp = self._logprobs(ids)
             r = ref.float()
-            kl += ((r.exp() * (r - lp)).sum(-1) * w).sum().item()
-            total_w += w.sum().item()
+            kl += (r.exp() * (r - lp)).sum().item()
             target = ids[:, 1:].to(self.device)
             nll -= lp.gather(-1, target[..., None]).sum().item()
             n += target.numel()
-        return kl / total_w, math.exp(nll / n)
+        return kl / n, math.exp(nll / n)
 
 
 @torch.no_grad()

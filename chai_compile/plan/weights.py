@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from chai_compile.choices import LayerKind
 from chai_compile.errors import MappingError
 from chai_compile.mapping import ClusterMapping, WeightsRef
 
@@ -95,7 +96,7 @@ def load_weights(mapping: ClusterMapping) -> PlanWeights | None:
                                    fix=f"expected shape {list(expected)} for a layer below {m.num_layers}")
     for layer, lw in out.items():
         lm = mapping.layers[layer]
-        if lm.kind != "clustered":
+        if lm.kind != LayerKind.CLUSTERED:
             raise MappingError(f"{path} holds refit weights for layer {layer}, which the plan keeps dense",
                                fix="use the weights file written together with this plan")
         reps = set(lm.representatives(m.num_heads))

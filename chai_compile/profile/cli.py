@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from chai_compile.choices import FEATURES, METHODS, REPRESENTATIVES
-from chai_compile.cli_parse import expand_ranges, parse_int_list, parse_ranges
+from chai_compile.choices import FEATURES, METHODS, REPRESENTATIVES, DType
+from chai_compile.cli_parse import dtype_option, expand_ranges, parse_int_list, parse_ranges
 from chai_compile.errors import UsageError
 
 
@@ -47,7 +47,7 @@ def _layers_and_heads(config) -> tuple[int | None, int | None]:
 @click.option("--dense-layers", default="", help="Layers left dense, e.g. 0-3,7.")
 @click.option("--representative", type=click.Choice(REPRESENTATIVES), default="auto", show_default=True,
               help="auto = kv-min for GQA models, medoid otherwise.")
-@click.option("--dtype", default="float32", show_default=True)
+@dtype_option()
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate).")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
@@ -56,7 +56,7 @@ def _layers_and_heads(config) -> tuple[int | None, int | None]:
 def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int, seed: int, batch_size: int,
             first_n: int, rows_per_sample: int, features: str, method: str, clusters: str, kv_target: float | None,
             dense_layers: str,
-            representative: str, dtype: str, device: str, device_map: str | None, out_dir: str,
+            representative: str, dtype: DType, device: str, device_map: str | None, out_dir: str,
             overwrite: bool, as_json: bool) -> None:
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
+from chai_compile.choices import LayerKind
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, ModelInfo
@@ -71,12 +72,12 @@ def derive_mapping(data: ProfileData, opts: ProfileOptions) -> ClusterMapping:
         else:
             k = opts.clusters or data.knee[i]
         if i in opts.dense_layers or k == m.num_heads:
-            layers.append(LayerMapping(i, "dense"))
+            layers.append(LayerMapping(i, LayerKind.DENSE))
             continue
         members = cluster_heads(sim[i], k, opts.method, opts.seed)
         reps = choose_representatives(members, cosine_distance(sim[i]), opts.representative, m.group_size)
         clusters = tuple(Cluster(tuple(c), r) for c, r in zip(members, reps, strict=True))
-        layers.append(LayerMapping(i, "clustered", clusters))
+        layers.append(LayerMapping(i, LayerKind.CLUSTERED, clusters))
     return ClusterMapping.build(m, layers, _provenance(data, opts))
 
 
@@ -95,10 +96,10 @@ def _kv_budget_mapping(data: ProfileData, opts: ProfileOptions, sim: np.ndarray)
     layers = []
     for i, k in enumerate(taken):
         if k == 0:
-            layers.append(LayerMapping(i, "dense"))
+            layers.append(LayerMapping(i, LayerKind.DENSE))
             continue
         o = options[i][k]
-        layers.append(LayerMapping(i, "clustered", tuple(Cluster(tuple(c), r)
+        layers.append(LayerMapping(i, LayerKind.CLUSTERED, tuple(Cluster(tuple(c), r)
                                                          for c, r in zip(o.clusters, o.representatives, strict=True))))
     return ClusterMapping.build(m, layers, _provenance(data, opts))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from chai_compile.choices import LayerKind
 from chai_compile.mapping import ClusterMapping
 
 
@@ -70,7 +71,7 @@ def markdown(summary: dict[str, Any], mapping: ClusterMapping, title: str) -> st
     ]
     for lm in mapping.layers:
         kept = mapping.kept_k_heads(lm.index)
-        if lm.kind == "dense":
+        if lm.kind == LayerKind.DENSE:
             lines.append(f"| {lm.index} | dense | {m.num_heads} | {len(kept)} | |")
             continue
         desc = " ".join("{" + ",".join(f"{h}*" if h == c.representative else str(h) for h in c.members) + "}"

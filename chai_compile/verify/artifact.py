@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from chai_compile.choices import GREEDY_STEPS
+from chai_compile.choices import GREEDY_STEPS, DType
 from chai_compile.errors import ExportError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
 
@@ -96,7 +96,7 @@ def run_verify_artifact(artifact: str, model_spec: str | None, tasks_text: str |
     mapping = ClusterMapping.read(mapping_file) if mapping_file.is_file() else None
     tokenizer, ref = load_source(model_spec or man["source_model"], mapping)
     dec = OrtDecoder(artifact)
-    report = validate.validate(ref, dec, tokenizer, dtype=man.get("dtype", "fp32"), steps=steps)
+    report = validate.validate(ref, dec, tokenizer, dtype=man.get("dtype", DType.FLOAT32), steps=steps)
     log(f"logits/greedy: {json.dumps({k: v for k, v in report.items() if k != 'greedy_text'})}")
     result: dict[str, Any] = {"validation": report, "passed": bool(report["passed"])}
     if tasks_text:

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from chai_compile.cli_parse import parse_int_list
+from chai_compile.choices import DType, Membership
+from chai_compile.cli_parse import choice_option, dtype_option, parse_int_list
 from chai_compile.errors import MappingError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
 
@@ -31,8 +32,8 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--limit", type=click.IntRange(min=1), default=None,
                      help="First N items per task (windows for perplexity tasks)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option("--membership", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-                     help="static: the frozen mapping; dynamic: clusters chosen per request from the first 5 tokens."),
+        choice_option("--membership", enum=Membership, default=Membership.STATIC,
+                      help="static: the frozen mapping; dynamic: clusters chosen per request from the first 5 tokens."),
         click.option("--window", type=click.IntRange(min=2), default=1024, show_default=True,
                      help="Perplexity window in tokens (capped at the model's context)."),
         click.option("--stride", type=click.IntRange(min=1), default=None,
@@ -41,7 +42,7 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prefill length for the measured KV-cache bytes."),
         click.option("--kv-decode", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Greedy decode steps after that prefill before the cache is measured (a generation)."),
-        click.option("--dtype", default="float32", show_default=True),
+        dtype_option(),
         click.option("--device", default="cpu", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
         click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."),
@@ -87,9 +88,9 @@ def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: s
               help="Write verify.json, verify.md and verify.png here (must not exist).")
 @_eval_options
 def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
-           task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int, membership: str,
-           window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str,
-           overwrite: bool, as_json: bool) -> None:
+           task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int,
+           membership: Membership, window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType,
+           device: str, overwrite: bool, as_json: bool) -> None:
     """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time.
 
     MODEL may also be an export directory: the artifact is then checked against its PyTorch source
@@ -156,8 +157,8 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 @_eval_options
 def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: str, no_default: bool,
           mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None, task_files: tuple[str, ...],
-          data_dir: str | None, limit: int | None, batch_size: int, membership: str, window: int,
-          stride: int | None, kv_tokens: int, kv_decode: int, dtype: str, device: str, overwrite: bool,
+          data_dir: str | None, limit: int | None, batch_size: int, membership: Membership, window: int,
+          stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType, device: str, overwrite: bool,
           as_json: bool) -> None:
     """Verify mappings of MODEL at several budgets and plot measured KV-cache saving against accuracy change.
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.choices import Membership
 from chai_compile.errors import ChaiError
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import ClusterMapping
@@ -41,7 +42,7 @@ class RewriteUnavailable(ChaiError):
     """The CHAI rewrite (chai_compile.rewrite) is not installed in this build."""
 
 
-def build_chai(model: nn.Module, mapping: ClusterMapping, membership: str = "static") -> nn.Module:
+def build_chai(model: nn.Module, mapping: ClusterMapping, membership: Membership = Membership.STATIC) -> nn.Module:
     """A deep copy of `model` with `mapping` applied (the original stays untouched for comparison)."""
     try:
         from chai_compile.rewrite import apply_mapping
@@ -121,7 +122,7 @@ def compare_loaded(
     mappings: Sequence[tuple[str, ClusterMapping]],
     tasks: Sequence[Task],
     *,
-    membership: str = "static",
+    membership: Membership = Membership.STATIC,
     limit: int | None = None,
     batch_size: int = 8,
     window: int | None = None,

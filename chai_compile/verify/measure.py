@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from chai_compile.choices import Membership
 from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ValidationFailed
 from chai_compile.mapping import ClusterMapping
@@ -104,7 +105,8 @@ def decode_differences(model: nn.Module, ids: torch.Tensor, splits: tuple[int, .
     return diffs, cache
 
 
-def check_cache_prediction(kv: dict[str, Any], mapping: ClusterMapping, membership: str = "static") -> None:
+def check_cache_prediction(kv: dict[str, Any], mapping: ClusterMapping,
+                           membership: Membership = Membership.STATIC) -> None:
     """Fail when the cache a model really filled differs from what its mapping predicts.
 
     A rewritten layer that ran without its cache leaves it empty (a "100% saving"); one that stored

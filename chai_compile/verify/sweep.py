@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from chai_compile.choices import DType, Membership
 from chai_compile.errors import MappingError
 from chai_compile.mapping import FORMAT, ClusterMapping
 from chai_compile.verify.compare import Log, compare_loaded
@@ -98,8 +99,8 @@ def sweep(
     limit: int | None = None,
     *,
     batch_size: int = 8,
-    membership: str = "static",
-    dtype: str = "float32",
+    membership: Membership = Membership.STATIC,
+    dtype: DType = DType.FLOAT32,
     device: str = "cpu",
     window: int | None = None,
     stride: int | None = None,

@@ -7,6 +7,7 @@
 // asked for (CHAI_ORT_API_VERSION). Every failure returns an OrtStatus with one line naming the node
 // and the fix; nothing throws across the C boundary.
 
+#include "clusteredAttentionConfig.h"
 #include "clusteredAttentionCpu.h"
 #include "onnxruntime_c_api.h"
 
@@ -40,37 +41,44 @@ OrtStatus* fail(std::string const& node, std::string const& what)
     return gApi->CreateStatus(ORT_INVALID_ARGUMENT, msg.c_str());
 }
 
-// Reads an int attribute; `fallback` >= 0 makes it optional (graphs exported before it existed).
-OrtStatus* readInt(OrtKernelInfo const* info, std::string const& node, char const* name, int64_t fallback, int32_t* out)
+// One reader per field kind of clusteredAttentionConfig.h. Each returns whether the attribute is present
+// (absent optional fields keep their declared default), or the failure status in `st`.
+bool readAttribute(OrtKernelInfo const* info, char const* name, int32_t& out, OrtStatus*& st)
 {
     int64_t v = 0;
-    if (OrtStatus* st = gApi->KernelInfoGetAttribute_int64(info, name, &v))
-    {
-        gApi->ReleaseStatus(st);
-        if (fallback < 0)
-            return fail(node, std::string("attribute ") + name + " is missing");
-        v = fallback;
-    }
-    *out = static_cast<int32_t>(v);
-    return nullptr;
+    if ((st = gApi->KernelInfoGetAttribute_int64(info, name, &v)))
+        return false;
+    out = static_cast<int32_t>(v);
+    return true;
 }
 
-OrtStatus* readInts(OrtKernelInfo const* info, std::string const& node, char const* name, size_t want, int32_t* out)
+bool readAttribute(OrtKernelInfo const* info, char const* name, float& out, OrtStatus*& st)
+{
+    return !(st = gApi->KernelInfoGetAttribute_float(info, name, &out));
+}
+
+bool readAttribute(OrtKernelInfo const* info, char const* name, std::vector<int32_t>& out, OrtStatus*& st)
 {
     size_t n = 0;
-    if (OrtStatus* st = gApi->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n))
-    {
-        gApi->ReleaseStatus(st);
-        return fail(node, std::string("attribute ") + name + " is missing");
-    }
-    if (n != want)
-        return fail(node, std::string(name) + " has " + std::to_string(n) + " values, expected " + std::to_string(want));
+    if ((st = gApi->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)))
+        return false;
     std::vector<int64_t> v(n);
-    if (OrtStatus* st = gApi->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n))
-        return st;
-    for (size_t i = 0; i < n; ++i)
-        out[i] = static_cast<int32_t>(v[i]);
-    return nullptr;
+    if (n > 0 && (st = gApi->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n)))
+        return false;
+    out.assign(v.begin(), v.end());
+    return true;
+}
+
+bool readAttribute(OrtKernelInfo const* info, char const* name, std::string& out, OrtStatus*& st)
+{
+    size_t n = 0;
+    if ((st = gApi->KernelInfoGetAttribute_string(info, name, nullptr, &n)))
+        return false;
+    std::vector<char> v(n + 1, '\0');
+    if ((st = gApi->KernelInfoGetAttribute_string(info, name, v.data(), &n)))
+        return false;
+    out = v.data();
+    return true;
 }
 
 struct Kernel
@@ -80,38 +88,25 @@ struct Kernel
     bool cuda = false;
 };
 
-// The layer constants, checked with the same rules as chai_compile.fused_op.validate_attributes.
+// The layer constants: every declared field read, then the plugin's own validation (one rule set).
 OrtStatus* readTables(OrtKernelInfo const* info, Kernel& k)
 {
-    ChaiClusteredAttentionParams& p = k.tables;
-    OrtStatus* st = nullptr;
-    if ((st = readInt(info, k.node, "num_heads", -1, &p.num_heads)) || (st = readInt(info, k.node, "num_clusters", -1, &p.num_clusters))
-        || (st = readInt(info, k.node, "num_k_heads", -1, &p.num_k_heads))
-        || (st = readInt(info, k.node, "num_v_heads", -1, &p.num_v_heads))
-        || (st = readInt(info, k.node, "head_dim", -1, &p.head_dim)) || (st = readInt(info, k.node, "causal", -1, &p.causal))
-        || (st = readInt(info, k.node, "past_present_share_buffer", 0, &p.share_buffer)))
-        return st;
-    if ((st = gApi->KernelInfoGetAttribute_float(info, "scale", &p.scale)))
-    {
-        gApi->ReleaseStatus(st);
-        return fail(k.node, "attribute scale is missing");
-    }
-    int const H = p.num_heads, C = p.num_clusters;
-    if (H < 1 || H > CHAI_MAX_HEADS || C < 1 || C > H || p.num_k_heads < 1 || p.num_v_heads < 1 || p.head_dim < 1
-        || p.head_dim > 256 || (p.causal != 0 && p.causal != 1) || (p.share_buffer != 0 && p.share_buffer != 1))
-        return fail(k.node, "num_heads (1.." + std::to_string(CHAI_MAX_HEADS) + "), num_clusters (1..num_heads), "
-                            "head_dim (1..256), causal and past_present_share_buffer (0/1) out of range");
-    if ((st = readInts(info, k.node, "cluster_offsets", C + 1, p.cluster_offsets))
-        || (st = readInts(info, k.node, "k_head_index", C, p.k_head_index))
-        || (st = readInts(info, k.node, "v_head_index", H, p.v_head_index)))
-        return st;
-    bool ok = p.cluster_offsets[0] == 0 && p.cluster_offsets[C] == H;
-    for (int c = 0; c < C; ++c)
-        ok = ok && p.cluster_offsets[c + 1] > p.cluster_offsets[c] && p.k_head_index[c] >= 0
-            && p.k_head_index[c] < p.num_k_heads;
-    for (int h = 0; h < H; ++h)
-        ok = ok && p.v_head_index[h] >= 0 && p.v_head_index[h] < p.num_v_heads;
-    return ok ? nullptr : fail(k.node, "cluster_offsets, k_head_index or v_head_index out of range");
+    chai::ClusteredAttentionConfig cfg;
+    std::string missing;
+    chai::ClusteredAttentionConfig::forEachField(cfg, [&](char const* name, auto& member, bool required) {
+        OrtStatus* st = nullptr;
+        if (!readAttribute(info, name, member, st) && required)
+            missing += std::string(missing.empty() ? "" : ", ") + name;
+        if (st)
+            gApi->ReleaseStatus(st);
+    });
+    if (!missing.empty())
+        return fail(k.node, "attribute " + missing + " is missing");
+    std::string const err = cfg.validate();
+    if (!err.empty())
+        return fail(k.node, err);
+    k.tables = cfg.toParams();
+    return nullptr;
 }
 
 OrtStatus* ORT_API_CALL createKernel(OrtCustomOp const* op, OrtApi const*, OrtKernelInfo const* info, void** out);

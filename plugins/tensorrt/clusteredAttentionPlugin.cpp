@@ -7,7 +7,6 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <sstream>
 
 using namespace nvinfer1;
 
@@ -86,85 +85,69 @@ bool readFloat(PluginField const& f, float& out)
     return true;
 }
 
-std::string readString(PluginField const& f)
+bool readString(PluginField const& f, std::string& out)
 {
     if (f.data == nullptr || f.type != PluginFieldType::kCHAR)
-        return {};
+        return false;
     auto const* s = static_cast<char const*>(f.data);
-    return std::string(s, strnlen(s, static_cast<size_t>(f.length)));
+    out.assign(s, strnlen(s, static_cast<size_t>(f.length)));
+    return true;
+}
+
+// One reader per field kind (chai::fieldKind): the creator reads every declared field through these.
+bool readField(PluginField const& f, std::string& out)
+{
+    return readString(f, out);
+}
+
+bool readField(PluginField const& f, int32_t& out)
+{
+    return readScalarInt(f, out);
+}
+
+bool readField(PluginField const& f, std::vector<int32_t>& out)
+{
+    return readInts(f, out);
+}
+
+bool readField(PluginField const& f, float& out)
+{
+    return readFloat(f, out);
+}
+
+template <typename T>
+PluginFieldType pluginFieldType(T const&)
+{
+    constexpr chai::FieldKind kind = chai::fieldKind<T>();
+    if constexpr (kind == chai::FieldKind::kString)
+        return PluginFieldType::kCHAR;
+    else if constexpr (kind == chai::FieldKind::kFloat)
+        return PluginFieldType::kFLOAT32;
+    else
+        return PluginFieldType::kINT32;
+}
+
+// A field pointing into the plugin's config (which outlives the serialized collection); strings keep their NUL.
+PluginField toPluginField(char const* name, std::string const& v)
+{
+    return PluginField(name, v.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(v.size() + 1));
+}
+
+PluginField toPluginField(char const* name, std::vector<int32_t> const& v)
+{
+    return PluginField(name, v.data(), PluginFieldType::kINT32, static_cast<int32_t>(v.size()));
+}
+
+template <typename T>
+PluginField toPluginField(char const* name, T const& v)
+{
+    return PluginField(name, &v, pluginFieldType(v), 1);
 }
 
 } // namespace
 
 namespace chai
 {
-
-// ---------------------------------------------------------------------------------------------------
-// ClusteredAttentionConfig
-
-std::string ClusteredAttentionConfig::validate() const
-{
-    std::ostringstream err;
-    if (num_heads < 1 || num_heads > CHAI_MAX_HEADS)
-        err << "num_heads must be in [1, " << CHAI_MAX_HEADS << "], got " << num_heads << "; ";
-    if (num_clusters < 1 || num_clusters > num_heads)
-        err << "num_clusters must be in [1, num_heads], got " << num_clusters << "; ";
-    if (num_k_heads < 1 || num_v_heads < 1)
-        err << "num_k_heads and num_v_heads must be >= 1; ";
-    if (head_dim < 1 || head_dim > 256)
-        err << "head_dim must be in [1, 256], got " << head_dim << "; ";
-    if (static_cast<int32_t>(cluster_offsets.size()) != num_clusters + 1)
-        err << "cluster_offsets needs num_clusters+1 entries, got " << cluster_offsets.size() << "; ";
-    else
-    {
-        if (cluster_offsets.front() != 0 || cluster_offsets.back() != num_heads)
-            err << "cluster_offsets must run from 0 to num_heads; ";
-        for (size_t c = 0; c + 1 < cluster_offsets.size(); ++c)
-            if (cluster_offsets[c + 1] <= cluster_offsets[c])
-            {
-                err << "cluster_offsets must be strictly increasing; ";
-                break;
-            }
-    }
-    if (static_cast<int32_t>(k_head_index.size()) != num_clusters)
-        err << "k_head_index needs num_clusters entries, got " << k_head_index.size() << "; ";
-    for (int32_t k : k_head_index)
-        if (k < 0 || k >= num_k_heads)
-        {
-            err << "k_head_index entry " << k << " outside [0, num_k_heads); ";
-            break;
-        }
-    if (static_cast<int32_t>(v_head_index.size()) != num_heads)
-        err << "v_head_index needs num_heads entries, got " << v_head_index.size() << "; ";
-    for (int32_t v : v_head_index)
-        if (v < 0 || v >= num_v_heads)
-        {
-            err << "v_head_index entry " << v << " outside [0, num_v_heads); ";
-            break;
-        }
-    if (causal != 0 && causal != 1)
-        err << "causal must be 0 or 1, got " << causal << "; ";
-    if (past_present_share_buffer != 0 && past_present_share_buffer != 1)
-        err << "past_present_share_buffer must be 0 or 1, got " << past_present_share_buffer << "; ";
-    return err.str();
-}
-
-ChaiClusteredAttentionParams ClusteredAttentionConfig::toParams() const
-{
-    ChaiClusteredAttentionParams p{};
-    p.num_heads = num_heads;
-    p.num_clusters = num_clusters;
-    p.num_k_heads = num_k_heads;
-    p.num_v_heads = num_v_heads;
-    p.head_dim = head_dim;
-    p.scale = scale;
-    p.causal = causal;
-    p.share_buffer = past_present_share_buffer;
-    std::copy(cluster_offsets.begin(), cluster_offsets.end(), p.cluster_offsets);
-    std::copy(k_head_index.begin(), k_head_index.end(), p.k_head_index);
-    std::copy(v_head_index.begin(), v_head_index.end(), p.v_head_index);
-    return p;
-}
 
 // ---------------------------------------------------------------------------------------------------
 // ClusteredAttentionPlugin
@@ -393,27 +376,10 @@ IPluginV3* ClusteredAttentionPlugin::attachToContext(IPluginResourceContext* /*c
 
 PluginFieldCollection const* ClusteredAttentionPlugin::getFieldsToSerialize() noexcept
 {
-    ClusteredAttentionConfig const& c = mConfig;
-    mSerialFields = {
-        PluginField("plugin_namespace", kPluginNamespace, PluginFieldType::kCHAR,
-            static_cast<int32_t>(std::strlen(kPluginNamespace) + 1)),
-        PluginField("plugin_version", kPluginVersion, PluginFieldType::kCHAR,
-            static_cast<int32_t>(std::strlen(kPluginVersion) + 1)),
-        PluginField("num_heads", &c.num_heads, PluginFieldType::kINT32, 1),
-        PluginField("num_clusters", &c.num_clusters, PluginFieldType::kINT32, 1),
-        PluginField("num_k_heads", &c.num_k_heads, PluginFieldType::kINT32, 1),
-        PluginField("num_v_heads", &c.num_v_heads, PluginFieldType::kINT32, 1),
-        PluginField("head_dim", &c.head_dim, PluginFieldType::kINT32, 1),
-        PluginField("cluster_offsets", c.cluster_offsets.data(), PluginFieldType::kINT32,
-            static_cast<int32_t>(c.cluster_offsets.size())),
-        PluginField("k_head_index", c.k_head_index.data(), PluginFieldType::kINT32,
-            static_cast<int32_t>(c.k_head_index.size())),
-        PluginField("v_head_index", c.v_head_index.data(), PluginFieldType::kINT32,
-            static_cast<int32_t>(c.v_head_index.size())),
-        PluginField("scale", &c.scale, PluginFieldType::kFLOAT32, 1),
-        PluginField("causal", &c.causal, PluginFieldType::kINT32, 1),
-        PluginField("past_present_share_buffer", &c.past_present_share_buffer, PluginFieldType::kINT32, 1),
-    };
+    mSerialFields.clear();
+    ClusteredAttentionConfig::forEachField(mConfig, [this](char const* name, auto const& value, bool) {
+        mSerialFields.push_back(toPluginField(name, value));
+    });
     mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
     mSerialCollection.fields = mSerialFields.data();
     return &mSerialCollection;
@@ -424,10 +390,10 @@ PluginFieldCollection const* ClusteredAttentionPlugin::getFieldsToSerialize() no
 
 ClusteredAttentionPluginCreator::ClusteredAttentionPluginCreator()
 {
-#define CHAI_DECLARE_FIELD(name, trtType, onnxType)                                                                    \
-    mFields.emplace_back(#name, nullptr, PluginFieldType::trtType, 0);
-    CHAI_CLUSTERED_ATTENTION_FIELDS(CHAI_DECLARE_FIELD)
-#undef CHAI_DECLARE_FIELD
+    ClusteredAttentionConfig const declared;
+    ClusteredAttentionConfig::forEachField(declared, [this](char const* name, auto const& value, bool) {
+        mFields.emplace_back(name, nullptr, pluginFieldType(value), 0);
+    });
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
 }
@@ -463,51 +429,28 @@ IPluginV3* ClusteredAttentionPluginCreator::createPlugin(
             return nullptr;
         }
         ClusteredAttentionConfig cfg;
-        bool haveScale = false;
         std::string bad;
+        std::vector<std::string> seen;
         for (int32_t i = 0; i < fc->nbFields; ++i)
         {
             PluginField const& f = fc->fields[i];
             std::string const n = f.name != nullptr ? f.name : "";
-            bool ok = true;
-            if (n == "plugin_namespace")
-                ok = readString(f) == kPluginNamespace;
-            else if (n == "plugin_version")
-                ok = readString(f) == kPluginVersion;
-            else if (n == "num_heads")
-                ok = readScalarInt(f, cfg.num_heads);
-            else if (n == "num_clusters")
-                ok = readScalarInt(f, cfg.num_clusters);
-            else if (n == "num_k_heads")
-                ok = readScalarInt(f, cfg.num_k_heads);
-            else if (n == "num_v_heads")
-                ok = readScalarInt(f, cfg.num_v_heads);
-            else if (n == "head_dim")
-                ok = readScalarInt(f, cfg.head_dim);
-            else if (n == "cluster_offsets")
-                ok = readInts(f, cfg.cluster_offsets);
-            else if (n == "k_head_index")
-                ok = readInts(f, cfg.k_head_index);
-            else if (n == "v_head_index")
-                ok = readInts(f, cfg.v_head_index);
-            else if (n == "scale")
-                ok = haveScale = readFloat(f, cfg.scale);
-            else if (n == "causal")
-                ok = readScalarInt(f, cfg.causal);
-            else if (n == "past_present_share_buffer") // optional: engines built before it default to concat
-                ok = readScalarInt(f, cfg.past_present_share_buffer);
             // Unknown fields are ignored so that newer exporters can add optional attributes.
-            if (!ok)
-                bad += n + " ";
+            ClusteredAttentionConfig::forEachField(cfg, [&](char const* name, auto& member, bool) {
+                if (n != name)
+                    return;
+                seen.push_back(n);
+                if (!readField(f, member))
+                    bad += n + " ";
+            });
         }
+        ClusteredAttentionConfig::forEachField(cfg, [&](char const* name, auto const&, bool required) {
+            if (required && std::find(seen.begin(), seen.end(), name) == seen.end())
+                bad += std::string(name) + " (missing) ";
+        });
         if (!bad.empty())
         {
-            logError("unreadable or wrong fields: " + bad);
-            return nullptr;
-        }
-        if (!haveScale)
-        {
-            logError("field scale is missing");
+            logError("unreadable, wrong or missing fields: " + bad);
             return nullptr;
         }
         std::string const err = cfg.validate();

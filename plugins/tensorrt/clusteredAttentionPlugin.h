@@ -3,37 +3,13 @@
 #pragma once
 
 #include "NvInferRuntime.h"
-#include "clusteredAttentionKernel.h"
+#include "clusteredAttentionConfig.h"
 
 #include <string>
 #include <vector>
 
-// The plugin's fields, in the ONNX node's attribute order: X(name, TensorRT PluginFieldType, ONNX attribute type).
-// This list is the single declaration: the creator's getFieldNames is generated from it, and
-// tests/test_tensorrt_plugin.py parses it and compares it with chai_compile/fused_op.py ATTRIBUTES.
-// CHAI_FIELDS_BEGIN
-#define CHAI_CLUSTERED_ATTENTION_FIELDS(X)                                                                             \
-    X(plugin_namespace, kCHAR, string)                                                                                 \
-    X(plugin_version, kCHAR, string)                                                                                   \
-    X(num_heads, kINT32, int)                                                                                          \
-    X(num_clusters, kINT32, int)                                                                                       \
-    X(num_k_heads, kINT32, int)                                                                                        \
-    X(num_v_heads, kINT32, int)                                                                                        \
-    X(head_dim, kINT32, int)                                                                                           \
-    X(cluster_offsets, kINT32, ints)                                                                                   \
-    X(k_head_index, kINT32, ints)                                                                                      \
-    X(v_head_index, kINT32, ints)                                                                                      \
-    X(scale, kFLOAT32, float)                                                                                          \
-    X(causal, kINT32, int)                                                                                             \
-    X(past_present_share_buffer, kINT32, int)
-// CHAI_FIELDS_END
-
 namespace chai
 {
-
-constexpr char const* kPluginName = "ClusteredAttention";
-constexpr char const* kPluginVersion = "1";
-constexpr char const* kPluginNamespace = "chai";
 
 // Tensor positions (inputs then outputs) as seen by supportsFormatCombination.
 enum IOIndex : int32_t
@@ -49,27 +25,6 @@ enum IOIndex : int32_t
     kPresentKey = 1,
     kPresentValue = 2,
     kNbOutputs = 3,
-};
-
-// Layer constants fixed at export.
-struct ClusteredAttentionConfig
-{
-    int32_t num_heads = 0;
-    int32_t num_clusters = 0;
-    int32_t num_k_heads = 0;
-    int32_t num_v_heads = 0;
-    int32_t head_dim = 0;
-    std::vector<int32_t> cluster_offsets;
-    std::vector<int32_t> k_head_index;
-    std::vector<int32_t> v_head_index;
-    float scale = 0.f;
-    int32_t causal = 1;
-    int32_t past_present_share_buffer = 0; // 1: present_* alias past_* (in-place cache contract, README)
-
-    // Empty when valid, else what is wrong.
-    std::string validate() const;
-    // Copies the constants and tables into a kernel params struct (pointers and shapes left zero).
-    ChaiClusteredAttentionParams toParams() const;
 };
 
 class ClusteredAttentionPlugin : public nvinfer1::IPluginV3,

@@ -75,6 +75,17 @@ std::string flatten(PluginFieldCollection const* fc)
     return out;
 }
 
+char const* typeName(PluginFieldType t)
+{
+    switch (t)
+    {
+    case PluginFieldType::kCHAR: return "kCHAR";
+    case PluginFieldType::kINT32: return "kINT32";
+    case PluginFieldType::kFLOAT32: return "kFLOAT32";
+    default: return "other";
+    }
+}
+
 DynamicPluginTensorDesc desc(DataType type, int32_t rank)
 {
     DynamicPluginTensorDesc d{};
@@ -118,8 +129,9 @@ int main(int argc, char** argv)
     check(std::strcmp(creator->getPluginNamespace(), "chai") == 0, "creator namespace");
     PluginFieldCollection const* declared = creator->getFieldNames();
     check(declared != nullptr && declared->nbFields == 13, "13 declared fields");
+    // The test compares these lines with chai_compile/fused_op.py ATTRIBUTES.
     for (int32_t i = 0; declared != nullptr && i < declared->nbFields; ++i)
-        std::printf("field %s %d\n", declared->fields[i].name, static_cast<int>(declared->fields[i].type));
+        std::printf("field %s %s\n", declared->fields[i].name, typeName(declared->fields[i].type));
 
     Fields fields;
     IPluginV3* plugin = creator->createPlugin("layer0", fields.make(), TensorRTPhase::kBUILD);
@@ -179,7 +191,13 @@ int main(int argc, char** argv)
 
     check(build->getWorkspaceSize(nullptr, 6, nullptr, 3) > 0, "workspace > 0");
 
-    std::string const first = flatten(runtime->getFieldsToSerialize());
+    PluginFieldCollection const* serialized = runtime->getFieldsToSerialize();
+    bool sameFields = declared != nullptr && serialized->nbFields == declared->nbFields;
+    for (int32_t i = 0; sameFields && i < serialized->nbFields; ++i)
+        sameFields = std::strcmp(serialized->fields[i].name, declared->fields[i].name) == 0
+            && serialized->fields[i].type == declared->fields[i].type;
+    check(sameFields, "serialized fields are the declared fields, in order and of the declared types");
+    std::string const first = flatten(serialized);
     IPluginV3* again = creator->createPlugin("layer0", runtime->getFieldsToSerialize(), TensorRTPhase::kRUNTIME);
     check(again != nullptr, "recreate from serialized fields");
     if (again != nullptr)
@@ -207,6 +225,17 @@ int main(int argc, char** argv)
     badNs.make();
     badNs.list[0] = PluginField("plugin_namespace", "other", PluginFieldType::kCHAR, 6);
     check(creator->createPlugin("bad", &badNs.fc, TensorRTPhase::kBUILD) == nullptr, "wrong namespace refused");
+
+    Fields noScale;
+    noScale.make();
+    noScale.fc.nbFields -= 3; // drops scale, causal and the optional past_present_share_buffer
+    check(creator->createPlugin("bad", &noScale.fc, TensorRTPhase::kBUILD) == nullptr, "missing scale refused");
+    Fields old;
+    old.make();
+    old.fc.nbFields -= 1; // engines from before past_present_share_buffer: concat
+    IPluginV3* concat = creator->createPlugin("old", &old.fc, TensorRTPhase::kRUNTIME);
+    check(concat != nullptr, "past_present_share_buffer is optional");
+    delete concat;
 
     delete plugin;
     std::printf(gFailures == 0 ? "SMOKE OK\n" : "SMOKE FAILED (%d)\n", gFailures);

@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
 """Times chaiClusteredAttentionEnqueue (decode, bf16) on the GPU machine against torch SDPA dense decode.
 
-Usage: CHAI_TRT_BUILD_DIR=build python plugins/tensorrt/tools/bench_kernel.py [OUT.json]
+Usage: CHAI_TRT_BUILD_DIR=build PYTHONPATH=. python plugins/tensorrt/tools/bench_kernel.py [OUT.json]
 Each shape is timed under both cache contracts: concat (present = concat(past, new), a copy of the whole
 cache per step; that copy is also timed alone) and in place (past_present_share_buffer: present is the past
 buffer, one new row written). Writes the numbers as JSON when OUT.json is given.
@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-import test_tensorrt_plugin as t  # noqa: E402
+from chai_compile.export.plugin_kernel import layer_params, load_kernel
 
 
 def cuda_time(fn, iters: int = 50) -> float:
@@ -36,30 +34,23 @@ def cuda_time(fn, iters: int = 50) -> float:
 
 
 def main() -> None:
-    lib = ctypes.CDLL(str(Path(os.environ["CHAI_TRT_BUILD_DIR"]) / "libchai_attention_kernel.so"))
-    lib.chaiClusteredAttentionEnqueue.argtypes = [ctypes.POINTER(t.ChaiClusteredAttentionParams), ctypes.c_void_p]
-    lib.chaiClusteredAttentionWorkspaceSize.restype = ctypes.c_size_t
+    lib = load_kernel(os.environ["CHAI_TRT_BUILD_DIR"])
     h, d, T = 32, 128, 4096
     rows = []
     for b, c in ((1, 8), (8, 8), (1, 32), (8, 32)):
         offsets = [i * h // c for i in range(c + 1)]
-        attrs, x = t.make_case(
-            b=b, h=h, offsets=offsets, hk=c, hv=h, d=d, s=1, p=T - 1, dtype=torch.bfloat16, pad=False
-        )
-        attrs["k_head_index"] = list(range(c))
-        prm = t.ChaiClusteredAttentionParams()
+        x = {"query": torch.randn(b, c, 1, d), "key": torch.randn(b, c, 1, d), "value": torch.randn(b, h, 1, d),
+             "past_key": torch.randn(b, c, T - 1, d), "past_value": torch.randn(b, h, T - 1, d)}
+        x = {k: v.to(torch.bfloat16).cuda() for k, v in x.items()}
+        x["attention_mask"] = torch.ones(b, T, dtype=torch.int32, device="cuda")
+        prm = layer_params({"num_heads": h, "num_clusters": c, "num_k_heads": c, "num_v_heads": h, "head_dim": d,
+                            "scale": 1 / math.sqrt(d), "causal": 1, "cluster_offsets": offsets,
+                            "k_head_index": list(range(c)), "v_head_index": list(range(h))})
         out = torch.empty(b, 1, h * d, dtype=torch.bfloat16, device="cuda")
         pk = torch.empty(b, c, T, d, dtype=torch.bfloat16, device="cuda")
         pv = torch.empty(b, h, T, d, dtype=torch.bfloat16, device="cuda")
         prm.batch, prm.seq_len, prm.past_len = b, 1, T - 1
-        prm.num_heads, prm.num_clusters, prm.num_k_heads, prm.num_v_heads, prm.head_dim = h, c, c, h, d
-        prm.scale, prm.causal, prm.dtype, prm.mask_dtype = 1 / math.sqrt(d), 1, 2, 0
-        for i, v in enumerate(offsets):
-            prm.cluster_offsets[i] = v
-        for i in range(c):
-            prm.k_head_index[i] = i
-        for i in range(h):
-            prm.v_head_index[i] = i
+        prm.dtype, prm.mask_dtype = 2, 0  # CHAI_DTYPE_BFLOAT16, CHAI_MASK_INT32
         ws = torch.empty(lib.chaiClusteredAttentionWorkspaceSize(ctypes.byref(prm)), dtype=torch.uint8, device="cuda")
         for name in ("query", "key", "value", "past_key", "past_value", "attention_mask"):
             setattr(prm, name, x[name].data_ptr())

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT))
 
-from chai_compile.export_tensorrt import build_engine, symbolic_profile  # noqa: E402
+from chai_compile.export.tensorrt import build_engine, symbolic_profile  # noqa: E402
 from chai_compile.kernels import fused_op  # noqa: E402
 
 H, C, HK, HV, D = 8, 3, 3, 8, 64

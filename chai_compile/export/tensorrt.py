@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from chai_compile.choices import ExportFormat
 from chai_compile.errors import ExportError
 
 Shape = tuple[int, ...]
@@ -171,7 +172,7 @@ def build_engine(
         outputs=[network.get_output(i).name for i in range(network.num_outputs)],
     )
     manifest: dict[str, Any] = {
-        "format": "tensorrt",
+        "format": ExportFormat.TENSORRT,
         "tensorrt_module": trt.__name__,
         "tensorrt_version": getattr(trt, "__version__", "unknown"),
         "engine": engine_path.name,
