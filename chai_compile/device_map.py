@@ -12,68 +12,16 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from chai_compile.errors import UsageError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-NAMED_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")
-
-
-def parse_size(text: str, option: str = "--max-memory") -> int:
-    """'20GiB' -> bytes."""
-    m = _SIZE.match(text)
-    if not m:
-        raise UsageError(f"{option}: size must be a number and a unit (B, KB, MB, GB, KiB, MiB, GiB)", value=text,
-                         fix=f"e.g. {option} 0=20GiB,cpu=60GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
-    """'0=20GiB,cpu=60GiB' -> {0: bytes, 'cpu': bytes}: the per-device budget accelerate places layers under."""
-    if not text or not text.strip():
-        return None
-    out: dict[int | str, int] = {}
-    for part in text.split(","):
-        key, sep, size = part.partition("=")
-        key = key.strip().lower()
-        if not sep or not (key.isdigit() or key in ("cpu", "disk")):
-            raise UsageError("--max-memory takes DEVICE=SIZE pairs, DEVICE a GPU index, cpu or disk", value=text,
-                             fix="e.g. --max-memory 0=20GiB,cpu=60GiB")
-        out[int(key) if key.isdigit() else key] = parse_size(size)
-    return out
-
-
-def parse_device_map(text: str | None) -> str | dict[str, Any] | None:
-    """A named map (auto, cpu, cuda, ...) or a JSON file of module name -> device (index, 'cpu' or 'disk')."""
-    if text is None or not text.strip():
-        return None
-    if text in NAMED_MAPS:
-        return text
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise UsageError(f"--device-map must be one of {', '.join(NAMED_MAPS)} or a JSON file", value=text,
-                         fix="pass --device-map auto, or a JSON file mapping module names to devices")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"--device-map file {path} is not JSON: {e}", fix="write an object such as "
-                         '{"model.embed_tokens": 0, "model.layers": "cpu", "": 0}') from None
-    if not isinstance(doc, dict) or not all(isinstance(v, int | str) for v in doc.values()):
-        raise UsageError(f"--device-map file {path} must map module names to devices",
-                         fix='write an object such as {"": "cpu"}')
-    return doc
+from chai_compile.placement_options import parse_device_map, parse_max_memory  # noqa: F401  (re-exported)
 
 
 def check_cuda_map(device_map: str | dict[str, Any] | None, max_memory: dict[int | str, int] | None) -> None:
@@ -195,3 +143,55 @@ def peak_memory_mb() -> dict[str, float]:
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         out[f"cuda:{i}"] = round(torch.cuda.max_memory_allocated(i) / 2**20, 1)
     return out
+
+
+def rewrite_in_place(model: nn.Module, mapping: Any, membership: str = "static") -> Callable[[], None]:
+    """Apply `mapping` to a dispatched model in place (no second copy of a model spread over devices);
+    returns the function that puts the original attention modules back.
+
+    Offloaded layers are loaded to the CPU for the rewrite, one copy of their attention weights, and each
+    new module is offloaded again from that copy: it loads to its layer's execution device per forward."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    from chai_compile.adapters import adapter_for
+    from chai_compile.rewrite import apply_mapping
+
+    adapter = adapter_for(model)
+    layers = adapter.decoder_layers()
+    originals = []
+    for i in range(adapter.spec.num_layers):
+        old = adapter.attention(i)
+        name = next(n for n, m in layers[i].named_children() if m is old)
+        was_offloaded = any(_meta(m) for m in old.modules())
+        originals.append((layers[i], name, old, was_offloaded, _execution_device(old)))
+    with contextlib.ExitStack() as stack:
+        for _, _, old, was_offloaded, _ in originals:
+            if was_offloaded:
+                stack.enter_context(loaded(old, device="cpu"))
+        apply_mapping(model, mapping, membership=membership)
+    for parent, name, old, was_offloaded, device in originals:
+        new = getattr(parent, name)
+        if new is old or not was_offloaded:
+            continue
+        for mod in new.modules():  # the small index buffers live on the device, the weights offloaded
+            for b, t in mod._buffers.items():
+                if t is not None:
+                    mod._buffers[b] = t.to(device)
+        weights = {k: v.detach() for k, v in new.state_dict().items()}
+        add_hook_to_module(new, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights,
+                                                 place_submodules=True))
+
+    def undo() -> None:
+        for parent, name, old, _, _ in originals:
+            setattr(parent, name, old)
+
+    return undo
+
+
+def _execution_device(module: nn.Module) -> torch.device:
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    return next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
