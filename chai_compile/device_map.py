@@ -82,8 +82,8 @@ def _offload_hooks(module: nn.Module) -> Iterator[tuple[nn.Module, Any]]:
                 yield m, h
 
 
-def _meta(m: nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])
+def _meta(m: nn.Module, recurse: bool = False) -> bool:
+    return any(t.device.type == "meta" for t in [*m.parameters(recurse=recurse), *m.buffers(recurse=recurse)])
 
 
 @contextlib.contextmanager
@@ -97,20 +97,25 @@ def loaded(module: nn.Module, device: str | torch.device | None = None) -> Itera
     done = []
     try:
         for m, h in _offload_hooks(module):
-            if not _meta(m):
+            if not _meta(m, recurse=getattr(h, "place_submodules", False)):
                 continue
             if device is None:
                 h.pre_forward(m)
-            else:
-                names = [n for n, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
+                done.append((m, h, None))
+            else:  # set by hand: the hook's own post_forward expects its pre_forward to have run
+                names = [n for n, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+                         if n in h.weights_map]
                 for n in names:
-                    if n in h.weights_map:
-                        set_module_tensor_to_device(m, n, device, value=h.weights_map[n])
-            done.append((m, h))
+                    set_module_tensor_to_device(m, n, device, value=h.weights_map[n])
+                done.append((m, h, names))
         yield
     finally:
-        for m, h in done:
-            h.post_forward(m, None)
+        for m, h, names in done:
+            if names is None:
+                h.post_forward(m, None)
+            else:
+                for n in names:
+                    set_module_tensor_to_device(m, n, "meta")
 
 
 def offloaded(model: nn.Module) -> bool:
@@ -195,3 +200,14 @@ def _execution_device(module: nn.Module) -> torch.device:
             if getattr(h, "execution_device", None) is not None:
                 return torch.device(h.execution_device)
     return next((p.device for p in module.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def cast_in_place(model: nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype), also on a dispatched model (accelerate refuses .to there): every tensor cast where it
+    is; offloaded weights (on `meta`) are cast by accelerate to the new dtype when loaded."""
+    if not is_dispatched(model):
+        model.to(dtype)
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)

@@ -14,17 +14,23 @@ import click
 from chai_compile.choices import GREEDY_STEPS
 from chai_compile.errors import ExportError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
+from chai_compile.placement_options import device_map_options, parsed
 
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
 
 
-def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
+def load_source(model: str, mapping: Any, placed: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(tokenizer, PyTorch model rewritten in place with the ClusterMapping, if any)."""
     from chai_compile.loading import load_model
     from chai_compile.rewrite import apply_mapping
 
-    loaded = load_model(model)
+    loaded = load_model(model, **(placed or {}))
     if mapping is None:
+        return loaded.tokenizer, loaded.model
+    if placed and placed.get("device_map"):  # spread over devices: offloaded layers stay offloaded
+        from chai_compile.device_map import rewrite_in_place
+
+        rewrite_in_place(loaded.model, mapping)
         return loaded.tokenizer, loaded.model
     # check_model inside apply_mapping raises FingerprintMismatchError for another model's mapping
     return loaded.tokenizer, apply_mapping(loaded.model, mapping)
@@ -32,7 +38,7 @@ def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
                opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print,
-               kv_cache: str = "concat") -> dict[str, Any]:
+               kv_cache: str = "concat", placed: dict[str, Any] | None = None) -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, runtime_files, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import write_json
@@ -57,7 +63,10 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         from chai_compile.mapping import ClusterMapping
 
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
-        tokenizer, source = load_source(model, mapping)
+        streamed = bool(placed and placed.get("device_map"))
+        if streamed and (dtype != "fp32" or fmt != "onnx"):
+            raise ExportError("--device-map exports fp32 ONNX only", fix="drop --dtype/--format, or --device-map")
+        tokenizer, source = load_source(model, mapping, placed)
         log("running the PyTorch model for the validation reference")
         reference = validate.reference(source, tokenizer, steps)
         release_memory()  # the reference's activations
@@ -69,8 +78,14 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                                                cache=cache, kv_cache=kv_cache)
         with claim.stage() as stage:
             log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
-            res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
-                                             in_place=True, kv_cache=kv_cache)
+            if streamed:  # weights streamed from wherever accelerate keeps them (export/streaming.py)
+                from chai_compile.export.streaming import export_streamed
+
+                res = export_streamed(source, mapping, stage, attention=attention, opset=opset, metadata=meta,
+                                      kv_cache=kv_cache)
+            else:
+                res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
+                                                 in_place=True, kv_cache=kv_cache)
             del source
             release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
             clean.check(res.path)
@@ -149,11 +164,13 @@ def _build_engine(res: Any, stage: Path, dtype: str) -> None:
               help="Greedy steps compared.")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["concat", "inplace"]), default="concat", show_default=True,
               help="inplace: past and present share one preallocated buffer per layer (needs --attention fused).")
+@device_map_options
 def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str, opset: int,
-           out: str, overwrite: bool, steps: int, kv_cache: str) -> None:
+           out: str, overwrite: bool, steps: int, kv_cache: str, device_map: str | None = None,
+           max_memory: str | None = None) -> None:
     """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
     man = run_export(model, mapping_path, no_mapping, fmt, attention, dtype, opset, out, overwrite, steps,
-                     log=lambda m: click.echo(m, err=True), kv_cache=kv_cache)
+                     log=lambda m: click.echo(m, err=True), kv_cache=kv_cache, placed=parsed(device_map, max_memory))
     s = man["stats"]
     click.echo(f"wrote {out}: {s['nodes']} nodes, weights {s['weight_bytes'] / 1e6:.2f} MB, "
                f"files {s['file_bytes'] / 1e6:.2f} MB, export {man['export_s']} s, validation passed")
