@@ -28,7 +28,7 @@ def load_source(model: str, mapping: Any, placed: dict[str, Any] | None = None) 
     if mapping is None:
         return loaded.tokenizer, loaded.model
     if placed and placed.get("device_map"):  # spread over devices: offloaded layers stay offloaded
-        from chai_compile.device_map import rewrite_in_place
+        from chai_compile.rewrite.dispatched import rewrite_in_place
 
         rewrite_in_place(loaded.model, mapping)
         return loaded.tokenizer, loaded.model

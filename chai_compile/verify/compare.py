@@ -134,7 +134,8 @@ def compare_loaded(
 
     Returns {"original": {...}, "points": [one per mapping]}, JSON-serialisable.
     """
-    from chai_compile.device_map import is_dispatched, rewrite_in_place
+    from chai_compile.device_map import is_dispatched
+    from chai_compile.rewrite.dispatched import rewrite_in_place
 
     model, tok = loaded.model, loaded.tokenizer
     for _, m in mappings:  # fail before any expensive work
