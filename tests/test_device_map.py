@@ -129,3 +129,42 @@ def test_gpu_budget_offload_matches_unconstrained(tmp_path) -> None:
     _run("plan", str(STORIES), *PLAN, "--device-map", "auto", "--max-memory", "0=600KB,cpu=1GB",
          "--out", str(tmp_path / "q1"))
     assert _layers(tmp_path / "q0" / "plan.json") == _layers(tmp_path / "q1" / "plan.json")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_budget_offload_random_llama(tmp_path) -> None:
+    """The same check without ../shared data: a random 4-layer Llama (~4 MB) saved, then loaded whole on GPU 0
+    and under a 1.5 MB GPU budget (layers offloaded to the CPU); profile and plan agree."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from chai_compile.device_map import load_kwargs, placement
+    from chai_compile.loading import LoadedModel
+    from chai_compile.plan.options import PlanOptions
+    from chai_compile.plan.planner import plan_model
+    from chai_compile.profile.measure import ProfileOptions, profile_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    runs = {}
+    for name, budget in (("whole", None), ("offloaded", {0: 1_500_000, "cpu": 2**30})):
+        kw = load_kwargs({"": 0} if budget is None else "auto", budget)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", **kw).eval()
+        loaded = LoadedModel(model, _ByteTokenizer(), "random-llama")
+        _, mapping = profile_model(loaded, ProfileOptions(samples=8, seq_len=64), progress=False)
+        plan = plan_model(loaded, PlanOptions(kv_target=0.1, samples=2, refit_samples=4, seq_len=64, query_steps=5),
+                          progress=False)
+        runs[name] = (mapping.layers, plan.mapping.layers, placement(model))
+    assert runs["offloaded"][2]["offloaded"] and not (runs["whole"][2] or {}).get("offloaded")
+    assert runs["whole"][0] == runs["offloaded"][0]
+    assert runs["whole"][1] == runs["offloaded"][1]
+
+
+class _ByteTokenizer:
+    """Offline tokenizer for random models: UTF-8 bytes + 3."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [b + 3 for b in text.encode()]}
