@@ -8,6 +8,7 @@ import json
 import torch
 
 from chai_compile.adapters import ModelAdapter
+from chai_compile.device_map import loaded
 from chai_compile.mapping import ModelInfo
 
 # Config keys that decide attention shapes; other keys (dtype, version strings) vary harmlessly.
@@ -28,11 +29,12 @@ def model_info(adapter: ModelAdapter) -> ModelInfo:
     h = hashlib.sha256()
     norms = []
     for i in range(s.num_layers):
-        p = adapter.projections(i)
-        for w in (p.q_weight, p.k_weight):
-            h.update(w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-        qn = p.q_weight.detach().float().reshape(s.num_heads, -1).norm(dim=1)
-        kn = p.k_weight.detach().float().reshape(s.num_kv_heads, -1).norm(dim=1)
+        with loaded(adapter.attention(i)):  # one layer at a time on a model accelerate offloaded
+            p = adapter.projections(i)
+            for w in (p.q_weight, p.k_weight):
+                h.update(w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+            qn = p.q_weight.detach().float().reshape(s.num_heads, -1).norm(dim=1)
+            kn = p.k_weight.detach().float().reshape(s.num_kv_heads, -1).norm(dim=1)
         norms.append(tuple(float(f"{x:.7g}") for x in torch.cat([qn, kn]).cpu().tolist()))
     arch = (adapter.config.architectures or [type(adapter.model).__name__])[0]
     return ModelInfo(

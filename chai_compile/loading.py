@@ -120,12 +120,14 @@ def load_model(
     spec: str,
     dtype: str | torch.dtype = DType.FLOAT32,
     device: str = "cpu",
-    device_map: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[int | str, int] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     `spec` is a built-in name (`smollm2-135m`), a `.gguf` file, a local directory, or a hub id.
-    `device_map="auto"` spreads a model too large for one GPU through accelerate.
+    `device_map="auto"` spreads a model too large for one GPU through accelerate, under `max_memory` per
+    device (see chai_compile.device_map); what fits nowhere is offloaded to disk.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,9 +152,9 @@ def load_model(
                 fix="pass an existing model directory, a .gguf file, a hub id, or `smollm2-135m`",
             )
         location = str(path) if path.exists() else spec
-    kwargs = {"dtype": torch_dtype}
-    if device_map:
-        kwargs["device_map"] = device_map
+    from chai_compile.device_map import load_kwargs
+
+    kwargs = {"dtype": torch_dtype, **load_kwargs(device_map, max_memory)}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(location, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(location)

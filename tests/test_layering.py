@@ -20,7 +20,8 @@ from tests.conftest import REPO
 PACKAGE = REPO / "chai_compile"
 # first component of the module path under chai_compile -> stage rank
 STAGES = {
-    **dict.fromkeys(["chai_compile", "errors", "choices", "compat", "fileio", "cli_parse", "loading"], 0),
+    **dict.fromkeys(["chai_compile", "errors", "choices", "compat", "fileio", "cli_parse", "loading",
+                      "device_map", "placement_options"], 0),
     **dict.fromkeys(["adapters", "mapping", "mapping_schema", "fingerprint", "layout"], 1),
     "profile": 2,
     "plan": 3,

@@ -15,18 +15,24 @@ from chai_compile.choices import GREEDY_STEPS, AttentionForm, DType, ExportForma
 from chai_compile.cli_parse import choice_option, dtype_option
 from chai_compile.errors import ExportError, UsageError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
+from chai_compile.placement_options import device_map_options, parsed
 
 # The dtypes an export writes (ONNX Runtime's CPU kernels and TensorRT's builder flags), in both spellings.
 EXPORT_DTYPES = ("float32", "fp32", "float16", "fp16")
 
 
-def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
+def load_source(model: str, mapping: Any, placed: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """(tokenizer, PyTorch model rewritten in place with the ClusterMapping, if any)."""
     from chai_compile.loading import load_model
     from chai_compile.rewrite import apply_mapping
 
-    loaded = load_model(model)
+    loaded = load_model(model, **(placed or {}))
     if mapping is None:
+        return loaded.tokenizer, loaded.model
+    if placed and placed.get("device_map"):  # spread over devices: offloaded layers stay offloaded
+        from chai_compile.rewrite.dispatched import rewrite_in_place
+
+        rewrite_in_place(loaded.model, mapping)
         return loaded.tokenizer, loaded.model
     # check_model inside apply_mapping raises FingerprintMismatchError for another model's mapping
     return loaded.tokenizer, apply_mapping(loaded.model, mapping)
@@ -34,7 +40,7 @@ def load_source(model: str, mapping: Any) -> tuple[Any, Any]:
 
 def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str, attention: str, dtype: str,
                opset: int, out: str, overwrite: bool, steps: int = GREEDY_STEPS, log: Any = print,
-               kv_cache: str = KVCacheMode.CONCAT) -> dict[str, Any]:
+               kv_cache: str = KVCacheMode.CONCAT, placed: dict[str, Any] | None = None) -> dict[str, Any]:
     from chai_compile.export import clean, manifest, onnx_export, runtime_files, validate
     from chai_compile.export.ort_runner import OrtDecoder
     from chai_compile.fileio import write_json
@@ -63,11 +69,15 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         raise ExportError("the fused form needs a mapping", fix="pass --mapping, or use --attention portable")
     if kv_cache == KVCacheMode.INPLACE and attention != AttentionForm.FUSED:
         raise ExportError("the in-place KV cache needs the fused form", value=attention, fix="add --attention fused")
+    streamed = bool(placed and placed.get("device_map"))
+    if streamed and (dtype != DType.FLOAT32 or fmt != ExportFormat.ONNX):
+        raise ExportError("--device-map exports float32 ONNX only", value=f"{dtype}/{fmt}",
+                          fix="drop --dtype/--format, or --device-map")
     with claim_output_dir(out, overwrite) as claim:  # locked and checked before loading anything
         from chai_compile.mapping import ClusterMapping
 
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
-        tokenizer, source = load_source(model, mapping)
+        tokenizer, source = load_source(model, mapping, placed)
         log("running the PyTorch model for the validation reference")
         reference = validate.reference(source, tokenizer, steps)
         release_memory()  # the reference's activations
@@ -79,8 +89,14 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
                                                cache=cache, kv_cache=kv_cache)
         with claim.stage() as stage:
             log(f"exporting {model} ({'CHAI ' + attention if mapping else 'original'}, {dtype}, opset {opset})")
-            res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
-                                             in_place=True, kv_cache=kv_cache)
+            if streamed:  # weights streamed from wherever accelerate keeps them (export/streaming.py)
+                from chai_compile.export.streaming import export_streamed
+
+                res = export_streamed(source, mapping, stage, attention=attention, opset=opset, metadata=meta,
+                                      kv_cache=kv_cache)
+            else:
+                res = onnx_export.export_decoder(source, stage, attention=attention, opset=opset, metadata=meta,
+                                                 in_place=True, kv_cache=kv_cache)
             del source
             release_memory()  # the PyTorch weights, before ONNX Runtime maps the graph's
             clean.check(res.path)
@@ -159,11 +175,13 @@ def _build_engine(res: Any, stage: Path, dtype: DType) -> None:
               help="Greedy steps compared.")
 @choice_option("--kv-cache", "kv_cache", enum=KVCacheMode, default=KVCacheMode.CONCAT,
                help="inplace: past and present share one preallocated buffer per layer (needs --attention fused).")
+@device_map_options
 def export(model: str, mapping_path: str | None, no_mapping: bool, fmt: ExportFormat, attention: AttentionForm,
-           dtype: DType, opset: int, out: str, overwrite: bool, steps: int, kv_cache: KVCacheMode) -> None:
+           dtype: DType, opset: int, out: str, overwrite: bool, steps: int, kv_cache: KVCacheMode,
+           device_map: str | None = None, max_memory: str | None = None) -> None:
     """Export MODEL (rewritten with --mapping) to an ONNX decoder with KV cache, then validate it."""
     man = run_export(model, mapping_path, no_mapping, fmt, attention, dtype, opset, out, overwrite, steps,
-                     log=lambda m: click.echo(m, err=True), kv_cache=kv_cache)
+                     log=lambda m: click.echo(m, err=True), kv_cache=kv_cache, placed=parsed(device_map, max_memory))
     s = man["stats"]
     click.echo(f"wrote {out}: {s['nodes']} nodes, weights {s['weight_bytes'] / 1e6:.2f} MB, "
                f"files {s['file_bytes'] / 1e6:.2f} MB, export {man['export_s']} s, validation passed")

@@ -247,6 +247,7 @@ def export_decoder(
     metadata: dict[str, str] | None = None,
     in_place: bool = False,
     kv_cache: str = KVCacheMode.CONCAT,
+    before_save: Any = None,
 ) -> ExportResult:
     """Export `model` (already rewritten, or original) into out_dir/model.onnx + model.onnx.data.
 
@@ -298,6 +299,8 @@ def export_decoder(
                           fix="a model family or opset the exporter supports; CHAI_COMPILE_DEBUG=1 shows the "
                               "traceback") from e
     finalize_ir(prog.model, metadata or {})
+    if before_save is not None:  # streamed export (export/streaming.py): fills the initializers lazily
+        before_save(prog.model)
     path = Path(out_dir) / GRAPH_NAME
     prog.save(str(path), external_data=True)
     # The exporter's IR values hold the weights (W^T views included), and onnxscript's module-level rewrite

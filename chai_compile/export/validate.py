@@ -17,6 +17,7 @@ from torch import nn
 
 from chai_compile.choices import GREEDY_STEPS, DType
 from chai_compile.compat import model_forward
+from chai_compile.device_map import cast_in_place
 from chai_compile.export.ort_runner import OrtDecoder
 
 PROMPTS = ("Once upon a time, there was a little girl named Lily. She loved to play",
@@ -82,16 +83,16 @@ def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Re
     ids = prompt_ids(tokenizer)
     pad_ids, pmask, ppos = _padded(ids, tokenizer.pad_token_id or 0)
     with torch.no_grad():
-        logits = model(ids).logits.float().numpy()
-        plogits = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().numpy()
+        logits = model(ids).logits.float().cpu().numpy()  # on the last layer's device when spread over several
+        plogits = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().cpu().numpy()
         greedy = torch_greedy(model, ids, steps)
         dtype = next(model.parameters()).dtype
-        model.double()  # in place and back: no second copy of the weights
+        cast_in_place(model, torch.float64)  # in place and back: no second copy of the weights
         try:
-            logits64 = model(ids).logits.numpy()
-            plogits64 = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.numpy()
+            logits64 = model(ids).logits.cpu().numpy()
+            plogits64 = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.cpu().numpy()
         finally:
-            model.to(dtype)
+            cast_in_place(model, dtype)
     keep = pmask.numpy().astype(bool)
     error = max(float(np.abs(logits - logits64).max()), float(np.abs(plogits - plogits64)[keep].max()))
     return Reference(ids.numpy(), logits, pad_ids.numpy(), pmask.numpy(), plogits, greedy, logits64, plogits64, error)

@@ -9,6 +9,7 @@ import click
 from chai_compile.choices import BUILTIN_CALIBRATION, DType
 from chai_compile.cli_parse import dtype_option
 from chai_compile.errors import ClusteringError
+from chai_compile.placement_options import device_map_options, parsed
 from chai_compile.plan.options import PlanOptions, Refit
 
 PLAN_FILE = "plan.json"
@@ -41,12 +42,14 @@ WEIGHTS_FILE = "plan.weights.safetensors"
 @click.option("--seed", default=0, show_default=True)
 @dtype_option()
 @click.option("--device", default="cpu", show_default=True)
+@device_map_options
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, calib: str, samples: int,
          refit_samples: int, seq_len: int | None, batch_size: int, per_round: int, refit: str, query_steps: int,
          distill_steps: int, distill_batch: int, distill_lr: float, dense_layers: str,
-         seed: int, dtype: DType, device: str, out_dir: str, overwrite: bool) -> None:
+         seed: int, dtype: DType, device: str, device_map: str | None, max_memory: str | None,
+         out_dir: str, overwrite: bool) -> None:
     """Plan MODEL under one budget; writes plan.json (+ refit weights), plan_report.{json,md}, plan_rounds.png."""
     from chai_compile.cli_parse import expand_ranges, parse_ranges
     from chai_compile.fileio import claim_output_dir, write_json
@@ -57,13 +60,14 @@ def plan(model: str, kv_target: float | None, max_ppl_increase: float | None, ca
                        refit=Refit(refit), query_steps=query_steps, distill_steps=distill_steps,
                        distill_batch=distill_batch, distill_lr=distill_lr, seed=seed)
     opts.check()  # budget and sizes before anything heavy is imported or loaded
+    placed = parsed(device_map, max_memory)
     with claim_output_dir(out_dir, overwrite) as claim:
         from chai_compile.loading import load_model
         from chai_compile.plan.planner import plan_model
         from chai_compile.plan.report import markdown, rounds_plot
         from chai_compile.plan.weights import write_weights
 
-        loaded = load_model(model, dtype=dtype, device=device)
+        loaded = load_model(model, dtype=dtype, device=device, **placed)
         layers = loaded.model.config.num_hidden_layers
         opts = dataclasses.replace(opts, dense_layers=tuple(expand_ranges(dense, layers, "--dense-layers")))
         res = plan_model(loaded, opts)

@@ -14,6 +14,7 @@ import torch
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
 from chai_compile.choices import LayerKind
+from chai_compile.device_map import peak_memory_mb, placement, reset_peaks
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
@@ -41,6 +42,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
     info = model_info(adapter)
     spec = adapter.spec
     opts.check(spec.num_layers)
+    reset_peaks()
     t0 = time.perf_counter()
     seq_len = opts.window(max_positions(model.config))
     calib = build_calibration(loaded.tokenizer, opts.calib, max(opts.samples, opts.refit_samples), seq_len, opts.seed)
@@ -89,6 +91,7 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
         "select_s": round(t_select, 2), "total_s": round(time.perf_counter() - t0, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **({"peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if torch.cuda.is_available() else {}),
+        "peak_mb": peak_memory_mb(), "placement": placement(model),  # per device, for models spread over several
     }
     return PlanResult(mapping, weights, report)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chai_compile.device_map import input_device
 from chai_compile.plan.shared_scores import SharedScoresAttention
 
 
@@ -34,7 +35,7 @@ def _merged(mod: SharedScoresAttention) -> dict[int, list[int]]:
 def _run_until(model: nn.Module, mod: SharedScoresAttention, windows: torch.Tensor, batch_size: int,
                capture) -> None:
     """Forward every window up to `mod`'s layer, calling capture there."""
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     def hook(m, x, pe, probs, v, heads, y):
         capture(x, pe, probs, v, heads, y)
@@ -69,7 +70,7 @@ def refit_queries(model: nn.Module, modules: Sequence[SharedScoresAttention], wi
         if mod.layer in inputs:
             inputs[mod.layer].append((x, pe))
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     for m in modules:
         m.source, m.capture = list(range(m.num_heads)), capture
     try:
@@ -81,7 +82,8 @@ def refit_queries(model: nn.Module, modules: Sequence[SharedScoresAttention], wi
             m.source, m.capture = src, None
     fitted = 0
     for m in tqdm(todo, desc="refit shared queries", unit="layer", disable=not progress):
-        fitted += _fit_layer(m, _merged(m), inputs.pop(m.layer), steps, lr)
+        with m.live():  # outside any forward: offloaded weights are loaded for this layer alone
+            fitted += _fit_layer(m, _merged(m), inputs.pop(m.layer), steps, lr)
     return fitted
 
 
@@ -149,7 +151,8 @@ def refit_output(model: nn.Module, modules: Sequence[SharedScoresAttention], win
 
         _run_until(model, m, windows, batch_size, capture)
         lam = ridge * gram.diagonal().mean()
-        w0 = m.p.o_weight.detach().double().cpu().t()  # [n, hidden]
-        solved = torch.linalg.solve(gram + lam * torch.eye(n, dtype=torch.float64), cross + lam * w0)
-        m.o_weight = solved.t().to(m.p.o_weight.dtype).to(m.p.o_weight.device).contiguous()
+        with m.live():
+            w0 = m.p.o_weight.detach().double().cpu().t()  # [n, hidden]
+            solved = torch.linalg.solve(gram + lam * torch.eye(n, dtype=torch.float64), cross + lam * w0)
+            m.o_weight = solved.t().to(m.p.o_weight.dtype).to(m.p.o_weight.device).contiguous()
     return len(todo)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from chai_compile.adapters import ModelAdapter
+from chai_compile.device_map import input_device
 from chai_compile.plan.shared_scores import SharedScoresAttention
 
 
@@ -38,7 +39,7 @@ class Scorer:
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
         self.model, self.windows, self.batch_size = model, windows, batch_size
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         self.reference = [self._logprobs(b).to(torch.float16) for b in self._batches()]
 
     def _batches(self) -> list[torch.Tensor]:
@@ -58,7 +59,7 @@ class Scorer:
             lp = self._logprobs(ids)
             r = ref.float()
             kl += (r.exp() * (r - lp)).sum().item()
-            target = ids[:, 1:].to(self.device)
+            target = ids[:, 1:].to(lp.device)  # the last layer's device on a model spread over several
             nll -= lp.gather(-1, target[..., None]).sum().item()
             n += target.numel()
         return kl / n, math.exp(nll / n)
@@ -85,7 +86,7 @@ def head_errors(model: nn.Module, modules: Sequence[SharedScoresAttention], wind
     for m in modules:
         m.capture = capture
     try:
-        device = next(model.parameters()).device
+        device = input_device(model)
         for i in range(0, len(windows), batch_size):
             ids = windows[i : i + batch_size]
             model(input_ids=ids.to(device), use_cache=False)

@@ -10,6 +10,7 @@ model. Calibration windows are unpadded and uncached, so the mask is plain causa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,8 @@ import torch
 from torch import nn
 
 from chai_compile.adapters import ModelAdapter
+from chai_compile.adapters.base import HeadProjections
+from chai_compile.device_map import loaded
 
 # Called with (module, x [B,T,hidden], position_embeddings, probs [B,H,T,T] before sharing, v [B,KV,T,d],
 # head outputs [B,T,H*d], y [B,T,hidden]).
@@ -35,8 +38,10 @@ class SharedScoresAttention(nn.Module):
         self.group = s.num_heads // s.num_kv_heads
         self.scale = float(adapter.scaling())
         self.source = list(range(s.num_heads))
-        # Views of the original weights, taken before the swap (the adapter then finds this module instead).
-        self.p = p = adapter.projections(layer)
+        # The original module stays in the model (its forward is patched): accelerate still finds, loads and
+        # offloads its weights; `p` reads them afresh each time. Kept out of the module tree (a plain list).
+        self._original = [adapter.attention(layer)]
+        p = self.p
         self.q_scale = float(p.q_scale)
         # Refit parameters (None: the original's). q_weight/q_bias are the full [H*d, hidden] projection.
         self.q_weight: torch.Tensor | None = None
@@ -45,6 +50,15 @@ class SharedScoresAttention(nn.Module):
         self.refit_heads: list[int] = []  # representatives whose Q rows q_weight refits
         self.capture: Capture | None = None
         self.original_forward = adapter.attention_forward()
+
+    @property
+    def p(self) -> HeadProjections:
+        """The original projections, live (real tensors only inside `live()` for offloaded layers)."""
+        return self.adapter.projections(self.layer)
+
+    def live(self) -> contextlib.AbstractContextManager[None]:
+        """The original weights loaded while inside (a no-op unless accelerate offloaded them)."""
+        return loaded(self._original[0])
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None,
                                 torch.Tensor, torch.Tensor | None]:
@@ -99,12 +113,13 @@ class SharedScoresAttention(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = self.adapter.call_inputs(args, kwargs)
         x = call.hidden_states
-        probs, v = self.probabilities(x, call.position_embeddings)
-        heads = self.head_outputs(probs, v)
-        _, _, _, _, o_w, o_b = self._weights()
-        y = nn.functional.linear(heads, o_w, o_b)
-        if self.capture is not None:
-            self.capture(self, x, call.position_embeddings, probs, v, heads, y)
+        with self.live():
+            probs, v = self.probabilities(x, call.position_embeddings)
+            heads = self.head_outputs(probs, v)
+            _, _, _, _, o_w, o_b = self._weights()
+            y = nn.functional.linear(heads, o_w, o_b)
+            if self.capture is not None:
+                self.capture(self, x, call.position_embeddings, probs, v, heads, y)
         return y, None
 
 
@@ -117,17 +132,23 @@ class Positions:
 
 @contextmanager
 def planning_modules(adapter: ModelAdapter) -> Iterator[list[SharedScoresAttention]]:
-    """Swap every attention module for a SharedScoresAttention; the originals come back on exit."""
-    layers = adapter.decoder_layers()
-    swaps = []
-    for i in range(adapter.spec.num_layers):
-        old = adapter.attention(i)
-        name = next(n for n, m in layers[i].named_children() if m is old)
-        swaps.append((layers[i], name, old, SharedScoresAttention(adapter, i)))
+    """Run every attention module as a SharedScoresAttention; the original forwards come back on exit.
+
+    The forward is patched, not the module swapped: the module tree stays as accelerate dispatched it, so
+    a model spread over devices or offloaded keeps each layer's weights where they are."""
+    mods = [SharedScoresAttention(adapter, i) for i in range(adapter.spec.num_layers)]
+    patched = []
     try:
-        for parent, name, _, new in swaps:
-            setattr(parent, name, new)
-        yield [new for _, _, _, new in swaps]
+        for m in mods:
+            old = m._original[0]
+            # accelerate's hook replaced `forward` by a wrapper that calls `_old_forward`: patch under the hook.
+            attr = "_old_forward" if hasattr(old, "_hf_hook") and hasattr(old, "_old_forward") else "forward"
+            patched.append((old, attr, old.__dict__.get(attr)))
+            setattr(old, attr, m.forward)
+        yield mods
     finally:
-        for parent, name, old, _ in swaps:
-            setattr(parent, name, old)
+        for old, attr, saved in reversed(patched):
+            if saved is None:
+                delattr(old, attr)
+            else:
+                setattr(old, attr, saved)

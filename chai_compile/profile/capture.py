@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chai_compile.adapters import ModelAdapter
+from chai_compile.device_map import input_device, loaded, peak_memory_mb, reset_peaks
 
 
 @dataclass
@@ -63,7 +64,7 @@ def capture_attention(
     model = adapter.model
     spec = adapter.spec
     samples, seq_len = input_ids.shape
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model's hooks move activations to each layer's device
     group = spec.group_size
     scale = adapter.scaling()
     gram = {
@@ -81,7 +82,8 @@ def capture_attention(
     def make_hook(layer: int):
         def hook(module, args, kwargs):
             call = adapter.call_inputs(args, kwargs)
-            q, k = adapter.queries_keys(layer, call)
+            with loaded(module):  # offloaded weights are on `meta` until their own forward: load them here
+                q, k = adapter.queries_keys(layer, call)
             q, k = q.float(), k.float()
             if group > 1:  # every query head reads its KV group's keys
                 k = k.repeat_interleave(group, dim=1)
@@ -101,6 +103,7 @@ def capture_attention(
         adapter.attention(i).register_forward_pre_hook(make_hook(i), with_kwargs=True)
         for i in range(spec.num_layers)
     ]
+    reset_peaks()
     t0 = time.perf_counter()
     try:
         batches = range(0, samples, batch_size)
@@ -116,6 +119,8 @@ def capture_attention(
     timings = {"capture_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
     if device.type == "cuda":
         timings["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    # One figure per GPU: on a model spread over GPUs each should stay near its share plus one layer's work.
+    timings.update({f"peak_mb[{dev}]": mb for dev, mb in peak_memory_mb().items() if dev != "cpu_rss"})
     return AttentionStats(gram, samples, seq_len, first_n, rows_per_sample, timings)
 
 

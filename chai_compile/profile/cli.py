@@ -11,6 +11,7 @@ import click
 from chai_compile.choices import FEATURES, METHODS, REPRESENTATIVES, DType
 from chai_compile.cli_parse import dtype_option, expand_ranges, parse_int_list, parse_ranges
 from chai_compile.errors import UsageError
+from chai_compile.placement_options import device_map_options, parsed
 
 
 def _clusters(text: str | None) -> int | list[int] | None:
@@ -22,6 +23,13 @@ def _clusters(text: str | None) -> int | list[int] | None:
 
 def _layers_and_heads(config) -> tuple[int | None, int | None]:
     return getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+
+
+def _placement(model) -> dict:
+    from chai_compile.device_map import placement
+
+    where = placement(model)
+    return {"placement": where} if where else {}
 
 
 @click.command()
@@ -49,14 +57,15 @@ def _layers_and_heads(config) -> tuple[int | None, int | None]:
               help="auto = kv-min for GQA models, medoid otherwise.")
 @dtype_option()
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--device-map", default=None, help="'auto' spreads a large model over GPUs (accelerate).")
+@device_map_options
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int, seed: int, batch_size: int,
             first_n: int, rows_per_sample: int, features: str, method: str, clusters: str, kv_target: float | None,
             dense_layers: str,
-            representative: str, dtype: DType, device: str, device_map: str | None, out_dir: str,
+            representative: str, dtype: DType, device: str, device_map: str | None, max_memory: str | None,
+            out_dir: str,
             overwrite: bool, as_json: bool) -> None:
     """Profile MODEL (hub id, directory, .gguf, or smollm2-135m) and write a cluster mapping + report."""
 
@@ -69,6 +78,7 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
                           features=features, method=method, clusters=_clusters(clusters), representative=representative,
                           kv_target=kv_target)
     check_static(opts)
+    placed = parsed(device_map, max_memory)
     with claim_output_dir(out_dir, overwrite) as claim:  # locked before anything heavy is imported or loaded
         from chai_compile.loading import load_model, peek_config
         from chai_compile.profile.measure import profile_model
@@ -80,7 +90,7 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
             if layers and heads:
                 check_options(dataclasses.replace(opts, dense_layers=expand_ranges(dense, layers, "--dense-layers")),
                               layers, heads, max_positions(config))
-        loaded = load_model(model, dtype=dtype, device=device, device_map=device_map)
+        loaded = load_model(model, dtype=dtype, device=device, **placed)
         layers, _ = _layers_and_heads(loaded.model.config)
         if dense and not layers:
             raise UsageError("--dense-layers: the model's config does not say how many layers it has",
@@ -94,7 +104,8 @@ def profile(model: str, calib: str, text_field: str, samples: int, seq_len: int,
         summary = savings(mapping, context=seq_len)
         with claim.stage() as stage:
             mapping.write(stage / "mapping.json")
-            write_json(stage / "profile.json", {"model": model, "summary": summary, "profile": data.to_dict()})
+            write_json(stage / "profile.json", {"model": model, "summary": summary, "profile": data.to_dict(),
+                                                **_placement(loaded.model)})
             (stage / "report.md").write_text(markdown(summary, mapping, f"chai-compile profile: {model}"))
             plots(stage, data.similarity[features], data.sse, data.knee, mapping)
     if as_json:

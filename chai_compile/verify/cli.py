@@ -12,6 +12,7 @@ from chai_compile.choices import DType, Membership
 from chai_compile.cli_parse import choice_option, dtype_option, parse_int_list
 from chai_compile.errors import MappingError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
+from chai_compile.placement_options import device_map_options, parsed
 
 
 def _log(msg: str) -> None:
@@ -87,10 +88,12 @@ def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: s
 @click.option("--out", "out_dir", default=None, type=click.Path(),
               help="Write verify.json, verify.md and verify.png here (must not exist).")
 @_eval_options
+@device_map_options
 def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
            task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int,
            membership: Membership, window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType,
-           device: str, overwrite: bool, as_json: bool) -> None:
+           device: str, overwrite: bool, as_json: bool, device_map: str | None = None,
+           max_memory: str | None = None) -> None:
     """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time.
 
     MODEL may also be an export directory: the artifact is then checked against its PyTorch source
@@ -108,12 +111,13 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
     from chai_compile.verify.compare import max_drop_violations
     from chai_compile.verify.report import dumps, verify_markdown, verify_plot
 
+    placed = parsed(device_map, max_memory)
     _check_out(out_dir, overwrite)
     tasks = _tasks(tasks_text, task_files, data_dir)
     mapping = ClusterMapping.read(mapping_path) if mapping_path else None
     if max_drop is not None and mapping is None:
         _log("--max-drop has no effect without --mapping")
-    loaded = load_model(model, dtype, device)
+    loaded = load_model(model, dtype, device, **placed)
 
     from chai_compile.verify.compare import compare_loaded
 
@@ -123,7 +127,8 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
     result: dict[str, Any] = {
         "model": model, "mapping_path": mapping_path, "membership": membership,
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
-                     "window": window, "stride": stride, "kv_tokens": kv_tokens, "kv_decode": kv_decode},
+                     "window": window, "stride": stride, "kv_tokens": kv_tokens, "kv_decode": kv_decode,
+                     "device_map": device_map, "max_memory": max_memory},
         **core,
     }
     violations: list[str] = []

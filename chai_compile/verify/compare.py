@@ -135,6 +135,9 @@ def compare_loaded(
 
     Returns {"original": {...}, "points": [one per mapping]}, JSON-serialisable.
     """
+    from chai_compile.device_map import is_dispatched
+    from chai_compile.rewrite.dispatched import rewrite_in_place
+
     model, tok = loaded.model, loaded.tokenizer
     for _, m in mappings:  # fail before any expensive work
         check_mapping(model, m)
@@ -157,13 +160,19 @@ def compare_loaded(
         "points": [],
     }
     for label, mapping in mappings:
-        chai_model = build_chai(model, mapping, membership)
+        undo = None
+        if is_dispatched(model):  # spread over devices: no second copy; rewrite in place, undo after
+            chai_model, undo = model, rewrite_in_place(model, mapping, membership)
+        else:
+            chai_model = build_chai(model, mapping, membership)
         try:
             chai = evaluate(chai_model, tok, prepared, batch_size, f"CHAI {label}".strip(), log)
             kv = measure_kv_cache(chai_model, kv_tokens, kv_decode)
             check_cache_prediction(kv, mapping, membership)
         finally:
             del chai_model
+            if undo is not None:
+                undo()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         comparison = {n: compare_task(task_metrics(n, kinds[n]), orig[n], chai[n]) for n in orig}

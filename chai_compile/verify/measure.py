@@ -16,6 +16,7 @@ from torch import nn
 
 from chai_compile.choices import Membership
 from chai_compile.compat import model_forward, output_cache
+from chai_compile.device_map import input_device
 from chai_compile.errors import ValidationFailed
 from chai_compile.mapping import ClusterMapping
 
@@ -52,7 +53,7 @@ def measure_kv_cache(model: nn.Module, tokens: int = 512, decode_steps: int = 0,
                      seed: int = 0) -> dict[str, Any]:
     """Prefill `tokens` random token ids (the cache size does not depend on content), then greedy-decode
     `decode_steps` tokens; report the cache's measured bytes, per token, and the elapsed times."""
-    device = next(model.parameters()).device
+    device = input_device(model)  # not `meta` when offloaded
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (batch, tokens), generator=gen).to(device)

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from chai_compile.device_map import input_device
 from chai_compile.verify.tasks import MCItem, Task
 
 
@@ -170,7 +171,7 @@ class TorchBackend:
         self.model = model
         self.name = name
         self.max_length = model_max_length(model)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # not `meta` when offloaded
         self._keep_ok = _accepts_logits_to_keep(model)
 
     @torch.no_grad()
