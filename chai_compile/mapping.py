@@ -89,13 +89,14 @@ class Span:
 @dataclass(frozen=True)
 class LayerMapping:
     """One layer of the plan. `clusters` for CLUSTERED; `source` (an earlier layer whose probabilities it
-    reuses) for SHARED; `spans` (one per query head) for SPAN; nothing for DENSE."""
+    reuses) for SHARED; `spans` (one per query head, None for a full-attention head) for SPAN; nothing
+    for DENSE. A KV head's cache is bounded only when every query head that reads it has a span."""
 
     index: int
     kind: LayerKind
     clusters: tuple[Cluster, ...] = ()
     source: int | None = None
-    spans: tuple[Span, ...] = ()
+    spans: tuple[Span | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, LayerKind) and self.kind in LayerKind.values():

@@ -134,8 +134,10 @@ def parse_layer(d: Any, i: int, model: ModelInfo, version: int) -> LayerMapping:
         if len(raw) != model.num_heads:
             raise MappingError(f"{where}: a span layer lists one span per query head ({model.num_heads})",
                                value=len(raw))
-        spans = [_obj(sd, f"{where} span {h}") for h, sd in enumerate(raw)]
+        # null: a full-attention head (a retrieval head) inside a span layer
+        spans = [None if sd is None else _obj(sd, f"{where} span {h}") for h, sd in enumerate(raw)]
         return LayerMapping(index, LayerKind.SPAN, spans=tuple(
+            None if sd is None else
             Span(_int(sd, "sinks", f"{where} span {h}", 0), _int(sd, "window", f"{where} span {h}", 1))
             for h, sd in enumerate(spans)))
     return LayerMapping(index, LayerKind.CLUSTERED, _parse_clusters(d, where, model))
@@ -246,7 +248,8 @@ def _layer_document(lm: LayerMapping, m: ModelInfo) -> dict[str, Any]:
     if lm.kind == LayerKind.SHARED:
         return {**head, "source": lm.source}
     if lm.kind == LayerKind.SPAN:
-        return {**head, "spans": [{"sinks": sp.sinks, "window": sp.window} for sp in lm.spans]}
+        return {**head, "spans": [None if sp is None else {"sinks": sp.sinks, "window": sp.window}
+                                  for sp in lm.spans]}
     if lm.kind == LayerKind.DENSE:
         return head
     return {
@@ -294,10 +297,14 @@ def _check_source(plan: ClusterMapping, i: int, source: int | None) -> None:
                            "the probabilities", value=source)
 
 
-def _check_spans(where: str, spans: tuple[Span, ...], num_heads: int) -> None:
+def _check_spans(where: str, spans: tuple[Span | None, ...], num_heads: int) -> None:
     if len(spans) != num_heads:
         raise MappingError(f"{where}: a span layer lists one span per query head ({num_heads})", value=len(spans))
+    if all(sp is None for sp in spans):
+        raise MappingError(f"{where}: a span layer needs at least one span head (all null: make it dense)")
     for h, sp in enumerate(spans):
+        if sp is None:
+            continue
         if isinstance(sp.sinks, bool) or not isinstance(sp.sinks, int) or sp.sinks < 0:
             raise MappingError(f"{where} head {h}: sinks must be an integer >= 0", value=sp.sinks)
         if isinstance(sp.window, bool) or not isinstance(sp.window, int) or sp.window < 1:

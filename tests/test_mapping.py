@@ -158,6 +158,13 @@ def test_v3_round_trip_shared_and_span(tmp_path):
     assert m.schema_version == 3 and m.layers[1].kind is LayerKind.SHARED
     again = ClusterMapping.read(m.write(tmp_path / "v3.json"))
     assert again == m and again.layers[2].spans[1] == Span(4, 128)
+
+
+def test_span_layer_with_full_attention_heads_round_trips(tmp_path):
+    spans = (None, Span(4, 256)) * 4  # retrieval heads keep the whole context
+    m = ClusterMapping.build(_info(num_layers=1, qk_head_norms=()), [LayerMapping(0, LayerKind.SPAN, spans=spans)])
+    again = ClusterMapping.read(m.write(tmp_path / "m.json"))
+    assert again.layers[0].spans == spans
     assert json.loads((tmp_path / "v3.json").read_text())["layers"][1] == {"index": 1, "kind": "shared", "source": 0}
     assert m.summary()["score_heads_kept"] == 8 + 0 + 8  # a shared layer computes no scores of its own
     with pytest.raises(UnsupportedLayerKindError) as e:
@@ -185,6 +192,7 @@ def test_versions_written_are_the_lowest_that_carry_the_plan():
     ([LayerMapping(0, LayerKind.SPAN, spans=(Span(-1, 8),) * 8)], "sinks must be", -1),
     ([LayerMapping(0, LayerKind.SPAN, spans=(Span(0, 0),) * 8)], "window must be", 0),
     ([LayerMapping(0, LayerKind.SPAN, spans=(Span(0, 4),) * 3)], "one span per query head", 3),
+    ([LayerMapping(0, LayerKind.SPAN, spans=(None,) * 8)], "at least one span head", None),
     ([LayerMapping(0, "dense", source=0)], "must not list source", None),
 ])
 def test_shared_and_span_validation_carries_the_value(tmp_path, layers, needle, value):
