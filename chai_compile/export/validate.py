@@ -8,16 +8,19 @@ runs the decoder on the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from chai_compile.adapters import adapter_for
 from chai_compile.choices import GREEDY_STEPS, DType
 from chai_compile.compat import model_forward
-from chai_compile.device_map import cast_in_place
+from chai_compile.device_map import cast_in_place, is_dispatched
 from chai_compile.export.ort_runner import OrtDecoder
 
 PROMPTS = ("Once upon a time, there was a little girl named Lily. She loved to play",
@@ -78,6 +81,48 @@ def _padded(ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
     return pad_ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
+def _owns_weights(module: nn.Module) -> bool:
+    return any(t.is_floating_point() for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
+
+
+def _cast_tree(module: nn.Module, dtype: torch.dtype) -> None:
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+
+
+@contextlib.contextmanager
+def float64_weights(model: nn.Module) -> Iterator[None]:
+    """Run `model` in float64 inside the block, with its weights back in their dtype afterwards.
+
+    A model held in one place is cast one unit at a time while that unit runs (each decoder layer whole,
+    and every other module owning weights: embeddings, norms, the head), so the float64 pass costs one
+    unit's extra memory, not a float64 copy of the model (which would double an export's peak). A model
+    spread over devices by accelerate is cast whole in place (its hooks move the weights themselves).
+    """
+    dtype = next(model.parameters()).dtype
+    if is_dispatched(model):
+        cast_in_place(model, torch.float64)
+        try:
+            yield
+        finally:
+            cast_in_place(model, dtype)
+        return
+    layers = list(adapter_for(model).decoder_layers())
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    units = layers + [m for m in model.modules() if id(m) not in inside and _owns_weights(m)]
+    handles = []
+    for unit in units:
+        handles.append(unit.register_forward_pre_hook(lambda m, args: _cast_tree(m, torch.float64)))
+        handles.append(unit.register_forward_hook(lambda m, args, out: _cast_tree(m, dtype)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        _cast_tree(model, dtype)  # a unit whose forward raised
+
+
 def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Reference:
     """Run the fp32 PyTorch model the graph comes from (rewritten or not) on the validation inputs."""
     ids = prompt_ids(tokenizer)
@@ -86,13 +131,9 @@ def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Re
         logits = model(ids).logits.float().cpu().numpy()  # on the last layer's device when spread over several
         plogits = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.float().cpu().numpy()
         greedy = torch_greedy(model, ids, steps)
-        dtype = next(model.parameters()).dtype
-        cast_in_place(model, torch.float64)  # in place and back: no second copy of the weights
-        try:
+        with float64_weights(model):
             logits64 = model(ids).logits.cpu().numpy()
             plogits64 = model(pad_ids, attention_mask=pmask, position_ids=ppos).logits.cpu().numpy()
-        finally:
-            cast_in_place(model, dtype)
     keep = pmask.numpy().astype(bool)
     error = max(float(np.abs(logits - logits64).max()), float(np.abs(plogits - plogits64)[keep].max()))
     return Reference(ids.numpy(), logits, pad_ids.numpy(), pmask.numpy(), plogits, greedy, logits64, plogits64, error)
