@@ -77,6 +77,8 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         from chai_compile.mapping import ClusterMapping
 
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
+        if mapping is not None:
+            mapping.require_supported("export")  # shared and span layers: PyTorch rewrite only, for now
         tokenizer, source = load_source(model, mapping, placed)
         log("running the PyTorch model for the validation reference")
         reference = validate.reference(source, tokenizer, steps)

@@ -51,6 +51,20 @@ def check_opset(attention: str, opset: int) -> None:
                           fix=f"use --opset {newest} or older (default {DEFAULT_OPSET})")
 
 
+def refuse_unexportable(model: nn.Module) -> None:
+    """Shared and span layers have no graph form yet: refuse them here, whichever path built the model."""
+    from chai_compile.rewrite.shared import SharedAttention
+    from chai_compile.rewrite.span import SpanAttention
+
+    for m in model.modules():
+        if isinstance(m, SharedAttention | SpanAttention):
+            kind = "shared" if isinstance(m, SharedAttention) else "span"
+            raise ExportError(f"layer {m.layer_idx}: export of a {kind} layer is not supported by this version "
+                              "(portable or fused form, any opset)", value=kind,
+                              fix="use a plan with only dense and clustered layers for export, or run the plan "
+                                  "through the PyTorch rewrite")
+
+
 def past_names(num_layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
@@ -262,6 +276,7 @@ def export_decoder(
     Runtime maps the file instead of parsing it, and protobuf's 2 GB limit never applies.
     """
     check_opset(attention, opset)
+    refuse_unexportable(model)
     from chai_compile.export.clean import finalize_ir
 
     spec = cache_spec(model)
