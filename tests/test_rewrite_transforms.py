@@ -269,3 +269,21 @@ def test_export_refuses_shared_and_span_layers(tmp_path):
         with pytest.raises(ExportError) as e:
             export_decoder(chai, tmp_path / name)
         assert "is not supported by this version" in one_line(e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["span", "mixed"])
+def test_cuda_matches_cpu(name):
+    """Same plan on the GPU: fp32 logits as on the CPU, fp16 decode consistent with its prefill."""
+    orig = tiny3()
+    plan = plans(orig)[name]
+    ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(1))
+    cpu = apply_mapping(copy.deepcopy(orig), plan)
+    gpu = apply_mapping(copy.deepcopy(orig), plan).cuda()
+    with torch.no_grad():
+        want = cpu(input_ids=ids).logits
+        got = gpu(input_ids=ids.cuda()).logits.cpu()
+    assert (want - got).abs().max().item() < 1e-4
+    diff, cache = decode_diff(gpu.half(), ids.cuda())
+    assert diff < 1e-2, diff
+    assert measured(cache) == plan.cache_bytes(ids.numel(), elem_bytes=2, batch=2)

@@ -54,8 +54,15 @@ class SpanAttention(ClusteredAttention):
         big = torch.iinfo(torch.int64).max // 4  # "no limit" for a full head, far from overflow
         sinks = [0 if sp is None else sp.sinks for sp in layer.spans]
         window = [big if sp is None else sp.window for sp in layer.spans]
-        self.register_buffer("sinks", torch.tensor(sinks, device=p.q_weight.device), persistent=False)
-        self.register_buffer("window", torch.tensor(window, device=p.q_weight.device), persistent=False)
+        dev = p.q_weight.device
+        self.register_buffer("sinks", torch.tensor(sinks, device=dev), persistent=False)
+        self.register_buffer("window", torch.tensor(window, device=dev), persistent=False)
+        # Per head group: its KV heads and their query heads (KV-major), as buffers that follow .to(device).
+        for i, grp in enumerate(self.groups):
+            kvs = torch.tensor(grp.kv_heads, device=dev)
+            self.register_buffer(f"kv_heads_{i}", kvs, persistent=False)
+            self.register_buffer(f"q_heads_{i}", (kvs[:, None] * self.group + torch.arange(self.group, device=dev))
+                                 .flatten(), persistent=False)
 
     def extra_repr(self) -> str:
         bounded = sum(len(g.kv_heads) for g in self.groups if g.window is not None)
@@ -89,7 +96,7 @@ class SpanAttention(ClusteredAttention):
     def attend(self, call: AttentionCall, cache: Any) -> torch.Tensor:
         x = call.hidden_states
         b, s, _ = x.shape
-        d, g = self.head_dim, self.group
+        d = self.head_dim
         q = self.heads(self.q_proj(x), self.num_heads)
         k = self.heads(self.k_proj(x), self.num_kv_heads)
         v = self.heads(self.v_proj(x), self.num_kv_heads)
@@ -108,9 +115,8 @@ class SpanAttention(ClusteredAttention):
         index = torch.where(valid, real[:, None] + valid.long().cumsum(1) - 1, -1)  # [B, S] real index
         real_after = real + valid.long().sum(1)
         out = x.new_empty(b, self.num_heads, s, d)
-        for i, grp in enumerate(self.groups):
-            kvs = torch.tensor(grp.kv_heads, device=x.device)
-            heads = (kvs[:, None] * g + torch.arange(g, device=x.device)).flatten()  # query heads, KV-major
+        for i in range(len(self.groups)):
+            kvs, heads = getattr(self, f"kv_heads_{i}"), getattr(self, f"q_heads_{i}")
             k_new, v_new = k.index_select(1, kvs), v.index_select(1, kvs)
             if layer is None:
                 keys, values, key_index = k_new, v_new, index
