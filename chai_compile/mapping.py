@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSION_WEIGHTS = 2
 SCHEMA_VERSION_KINDS = 3
 SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS, SCHEMA_VERSION_KINDS)
-# Kinds of schema versions 1 and 2, and the kinds export carries out: the rewrite carries out every kind;
-# export refuses shared and span layers through `require_supported` until their graphs exist.
+# Kinds of schema versions 1 and 2, and the kinds the fused export carries out. The rewrite carries out
+# every kind; the portable export adds shared layers; span layers have no graph form yet.
 SUPPORTED_KINDS = (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 
@@ -179,13 +179,14 @@ class ClusterMapping:
         doc.pop("provenance")
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def require_supported(self, what: str) -> None:
-        """Raise UnsupportedLayerKindError naming the first layer whose kind `what` cannot carry out."""
+    def require_supported(self, what: str, kinds: Sequence[LayerKind] = SUPPORTED_KINDS) -> None:
+        """Raise UnsupportedLayerKindError naming the first layer whose kind `what` (which carries out
+        `kinds`) cannot carry out."""
         for lm in self.layers:
-            if lm.kind not in SUPPORTED_KINDS:
+            if lm.kind not in kinds:
                 raise UnsupportedLayerKindError(
                     f"layer {lm.index}: {what} of a {lm.kind} layer is not supported by this version; it reads "
-                    f"and validates such plans, and carries out {', '.join(SUPPORTED_KINDS)} layers",
+                    f"and validates such plans, and carries out {', '.join(kinds)} layers",
                     value=str(lm.kind))
 
     def summary(self) -> dict[str, Any]:

@@ -260,15 +260,44 @@ def test_rewrite_refuses_bad_shared_and_span_layers():
         assert not any(isinstance(m, ClusteredAttention) for m in model.modules())  # left as it was
 
 
-def test_export_refuses_shared_and_span_layers(tmp_path):
+def test_export_refuses_span_layers_and_fused_shared_layers(tmp_path):
     from chai_compile.export.onnx_export import export_decoder
 
     orig = tiny3()
-    for name in ("span", "shared-dense"):
+    for name, form, text in (("span", "portable", "span layer in any form or opset"),
+                             ("mixed", "fused", "span layer"), ("shared-dense", "fused", "shared layer in the fused")):
         chai = apply_mapping(copy.deepcopy(orig), plans(orig)[name])
         with pytest.raises(ExportError) as e:
-            export_decoder(chai, tmp_path / name)
-        assert "is not supported by this version" in one_line(e)
+            export_decoder(chai, tmp_path / name, attention=form)
+        assert text in one_line(e) and "not supported by this version" in one_line(e)
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
+def test_cli_export_of_a_shared_plan(stories, tmp_path):
+    """Portable: validated against PyTorch (logits within 1e-4, same greedy tokens), layer 4's K cache has
+    zero heads. Fused and span plans are refused before the model loads."""
+    from chai_compile.export.cli import run_export
+    from chai_compile.mapping import UnsupportedLayerKindError
+
+    for name in ("shared-dense", "span"):
+        plans(stories.model)[name].write(tmp_path / f"{name}.json")
+    man = run_export(str(STORIES), str(tmp_path / "shared-dense.json"), False, "onnx", "portable", "fp32", 23,
+                     str(tmp_path / "out"), False, log=lambda m: None)
+    v = man["validation"]
+    assert v["passed"] and v["greedy_identical"]
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    heads = {i.name: i.type.tensor_type.shape.dim[1].dim_value for i in graph.input if i.name.startswith("past")}
+    assert heads["past_key_values.4.key"] == 0 and heads["past_key_values.4.value"] == 4  # the shared layer
+    assert heads["past_key_values.0.key"] == 4
+    assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
+    for name, form in (("shared-dense", "fused"), ("span", "portable")):
+        with pytest.raises(UnsupportedLayerKindError) as e:
+            run_export(str(STORIES), str(tmp_path / f"{name}.json"), False, "onnx", form, "fp32", 23,
+                       str(tmp_path / f"{name}-{form}"), False, log=lambda m: None)
+        assert f"the {form} export of a" in one_line(e)
+        assert not (tmp_path / f"{name}-{form}").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
