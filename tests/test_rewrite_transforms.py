@@ -216,10 +216,14 @@ def test_bounded_heads_stop_growing():
 
 
 # ---- generate ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", ["span", "mixed"])
-def test_generate_left_padding_equals_per_sequence(name):
+def test_generate_left_padding_equals_per_sequence(name, impl):
+    """Under both mask conventions (eager: additive float; sdpa: bool or none); beam search reorders the
+    span cache's rows (shape only: beams are not compared)."""
     orig = tiny3()
     chai = apply_mapping(copy.deepcopy(orig), plans(orig)[name])
+    chai.set_attn_implementation(impl)
     ids, mask = left_padded(97, length=12)
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -228,6 +232,8 @@ def test_generate_left_padding_equals_per_sequence(name):
             real = ids[b : b + 1, mask[b].bool()]
             alone = chai.generate(real, attention_mask=torch.ones_like(real), **gen)
             assert torch.equal(batch[b, -alone.shape[1] :], alone[0]), b
+        beams = chai.generate(ids, attention_mask=mask, num_beams=3, num_return_sequences=2, **gen)
+    assert beams.shape == (4, 12 + 8)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
