@@ -198,6 +198,17 @@ def test_stories260k_decode_consistency_and_cache_bytes(stories, name):
     assert measured(cache) == plan.cache_bytes(ids.numel(), elem_bytes=4, batch=2)
 
 
+@pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
+def test_verify_cache_check_accepts_span_and_shared_plans(stories):
+    """verify's measured-vs-predicted check (batch 1, the way verify measures) passes for the new kinds."""
+    from chai_compile.verify.measure import check_cache_prediction, measure_kv_cache
+
+    for name in ("mixed", "shared-dense"):
+        plan = plans(stories.model)[name]
+        kv = measure_kv_cache(apply_mapping(copy.deepcopy(stories.model), plan), tokens=48, decode_steps=3)
+        check_cache_prediction(kv, plan)
+
+
 def test_bounded_heads_stop_growing():
     orig = tiny3()
     plan = plans(orig)["span"]
