@@ -224,6 +224,7 @@ def test_bounded_heads_stop_growing():
     full = [s[1][2] for s in sizes]
     assert bounded == [min(t + 1, bound) for t in range(len(sizes))]
     assert full == list(range(1, len(sizes) + 1))
+    assert not cache.is_croppable  # what assisted generation reads before cropping a cache
 
 
 # ---- generate ------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from chai_compile.rewrite.base import RewriteError
+
 
 @dataclass(frozen=True)
 class HeadGroup:
@@ -104,6 +106,10 @@ class SpanCacheLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RewriteError("a span layer's cache cannot be cropped: its ring has overwritten what it dropped",
+                           value=tokens_to_remove, fix="generate without assisted decoding (no assistant_model)")
 
     def reset(self) -> None:
         self.entries, self.real, self.seen, self.is_initialized = [], None, 0, False
