@@ -31,15 +31,15 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSION_WEIGHTS = 2
 SCHEMA_VERSION_KINDS = 3
 SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS, SCHEMA_VERSION_KINDS)
-# Kinds this version's rewrite and export carry out; shared and span layers are read and validated, and
-# refused by `require_supported` until their transforms exist.
+# Kinds of schema versions 1 and 2, and the kinds the fused export carries out. The rewrite carries out
+# every kind; the portable export adds shared layers; span layers have no graph form yet.
 SUPPORTED_KINDS = (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 
 class UnsupportedLayerKindError(MappingError):
     """A valid plan asks for a layer transform this version cannot carry out."""
 
-    default_fix = "use a plan with only dense and clustered layers"
+    default_fix = "use a plan with only dense and clustered layers here, or run the plan through the PyTorch rewrite"
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,28 @@ class ClusterMapping:
     def kept_k_heads(self, index: int) -> list[int]:
         return self.layers[index].kept_k_heads(self.model.num_heads, self.model.num_kv_heads)
 
-    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = Membership.STATIC
+    def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = Membership.STATIC, batch: int = 1
                     ) -> list[tuple[int, int]]:
         """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length).
 
-        K holds the kept KV heads under static membership (every KV head under dynamic, whose
-        representatives are chosen per request); V always holds every KV head.
+        K holds the kept KV heads under static membership (every KV head of a clustered layer under
+        dynamic, whose representatives are chosen per request); V always holds every KV head. A shared
+        layer holds no K. In a span layer a KV head read only by span heads holds min(length, sinks +
+        window) tokens per sequence (the union of its query heads' spans), the others every token.
         """
         m = self.model
-        per_head = tokens * m.head_dim * elem_bytes
-        k_heads = [m.num_kv_heads if membership == Membership.DYNAMIC else len(self.kept_k_heads(i))
-                   for i in range(m.num_layers)]
-        return [(k * per_head, m.num_kv_heads * per_head) for k in k_heads]
+        per_token = m.head_dim * elem_bytes
+        out = []
+        for i, lm in enumerate(self.layers):
+            if lm.kind == LayerKind.SPAN:
+                held = sum(_span_tokens(lm.spans[kv * m.group_size : (kv + 1) * m.group_size], tokens, batch)
+                           for kv in range(m.num_kv_heads)) * per_token
+                out.append((held, held))
+                continue
+            k = m.num_kv_heads if membership == Membership.DYNAMIC and lm.kind == LayerKind.CLUSTERED \
+                else len(self.kept_k_heads(i))
+            out.append((k * tokens * per_token, m.num_kv_heads * tokens * per_token))
+        return out
 
     @property
     def origin(self) -> str:
@@ -169,13 +179,14 @@ class ClusterMapping:
         doc.pop("provenance")
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def require_supported(self, what: str) -> None:
-        """Raise UnsupportedLayerKindError naming the first layer whose kind `what` cannot carry out."""
+    def require_supported(self, what: str, kinds: Sequence[LayerKind] = SUPPORTED_KINDS) -> None:
+        """Raise UnsupportedLayerKindError naming the first layer whose kind `what` (which carries out
+        `kinds`) cannot carry out."""
         for lm in self.layers:
-            if lm.kind not in SUPPORTED_KINDS:
+            if lm.kind not in kinds:
                 raise UnsupportedLayerKindError(
                     f"layer {lm.index}: {what} of a {lm.kind} layer is not supported by this version; it reads "
-                    f"and validates such plans, and carries out {', '.join(SUPPORTED_KINDS)} layers",
+                    f"and validates such plans, and carries out {', '.join(kinds)} layers",
                     value=str(lm.kind))
 
     def summary(self) -> dict[str, Any]:
@@ -307,6 +318,14 @@ class ClusterMapping:
                     value=d["kept_k_heads"],
                 )
         return mapping
+
+
+def _span_tokens(spans: Sequence[Span | None], tokens: int, batch: int) -> int:
+    """Tokens one KV head holds: all of them unless every query head reading it has a span."""
+    if any(sp is None for sp in spans):
+        return tokens
+    bound = max(sp.sinks for sp in spans) + max(sp.window for sp in spans)  # type: ignore[union-attr]
+    return batch * min(tokens // batch, bound)
 
 
 def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rtol: float = 2e-3) -> bool:

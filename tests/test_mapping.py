@@ -162,7 +162,7 @@ def test_v3_round_trip_shared_and_span(tmp_path):
     assert json.loads((tmp_path / "v3.json").read_text())["layers"][1] == {"index": 1, "kind": "shared", "source": 0}
     assert m.summary()["score_heads_kept"] == 8 + 0 + 8  # a shared layer computes no scores of its own
     with pytest.raises(UnsupportedLayerKindError) as e:
-        m.require_supported("the rewrite")
+        m.require_supported("export")
     line = e.value.one_line()
     assert "layer 1" in line and "not supported by this version" in line and "\n" not in line
     with pytest.raises(ValueError, match="no cluster layout"):

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from chai_compile.choices import GREEDY_STEPS, AttentionForm, DType, ExportFormat, KVCacheMode
+from chai_compile.choices import GREEDY_STEPS, AttentionForm, DType, ExportFormat, KVCacheMode, LayerKind
 from chai_compile.cli_parse import choice_option, dtype_option
 from chai_compile.errors import ExportError, UsageError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
@@ -19,6 +19,13 @@ from chai_compile.placement_options import device_map_options, parsed
 
 # The dtypes an export writes (ONNX Runtime's CPU kernels and TensorRT's builder flags), in both spellings.
 EXPORT_DTYPES = ("float32", "fp32", "float16", "fp16")
+
+
+def exportable_kinds(attention: str) -> tuple[LayerKind, ...]:
+    """Layer kinds an export form carries out: shared layers need no node of their own (P.V in the portable
+    graph, a K cache of zero heads); the fused node has no shared form, and no form has spans yet."""
+    kinds = (LayerKind.DENSE, LayerKind.CLUSTERED)
+    return (*kinds, LayerKind.SHARED) if attention == AttentionForm.PORTABLE else kinds
 
 
 def load_source(model: str, mapping: Any, placed: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -77,6 +84,8 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         from chai_compile.mapping import ClusterMapping
 
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
+        if mapping is not None:  # before the model loads: a plan the form cannot express fails fast
+            mapping.require_supported(f"the {attention} export", exportable_kinds(attention))
         tokenizer, source = load_source(model, mapping, placed)
         log("running the PyTorch model for the validation reference")
         reference = validate.reference(source, tokenizer, steps)

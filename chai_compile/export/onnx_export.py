@@ -51,6 +51,21 @@ def check_opset(attention: str, opset: int) -> None:
                           fix=f"use --opset {newest} or older (default {DEFAULT_OPSET})")
 
 
+def refuse_unexportable(model: nn.Module, attention: str) -> None:
+    """Span layers have no graph form yet, shared layers no fused one: refused whichever path built the model."""
+    from chai_compile.rewrite.shared import SharedAttention
+    from chai_compile.rewrite.span import SpanAttention
+
+    for m in model.modules():
+        shared = isinstance(m, SharedAttention) and attention != AttentionForm.PORTABLE
+        if shared or isinstance(m, SpanAttention):
+            kind = "shared" if shared else "span"
+            forms = f"the {attention} form" if shared else "any form or opset"
+            raise ExportError(f"layer {m.layer_idx}: export of a {kind} layer in {forms} is not supported by this "
+                              "version", value=kind, fix="export a plan without span layers (shared layers: "
+                              "--attention portable), or run the plan through the PyTorch rewrite")
+
+
 def past_names(num_layers: int) -> list[str]:
     return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
@@ -262,6 +277,7 @@ def export_decoder(
     Runtime maps the file instead of parsing it, and protobuf's 2 GB limit never applies.
     """
     check_opset(attention, opset)
+    refuse_unexportable(model, attention)
     from chai_compile.export.clean import finalize_ir
 
     spec = cache_spec(model)

@@ -96,6 +96,8 @@ class ClusteredAttention(nn.Module):
     Subclasses project Q and K (`q_proj`/`k_proj` or their dynamic counterparts) and implement `attend`."""
 
     membership: Membership
+    # Set by the rewrite on a layer that shared layers read: it hands its per-head probabilities over.
+    publish: Any = None  # a shared.ProbabilityStore
 
     def __init__(self, adapter: ModelAdapter, layer_index: int, num_clusters: int, num_kept: int) -> None:
         super().__init__()
@@ -133,6 +135,11 @@ class ClusteredAttention(nn.Module):
 
     def attend(self, call: AttentionCall, cache: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def hand_over(self, probs: torch.Tensor) -> None:
+        """Give per-head probabilities [B, H, S, T] to the shared layers that read this one, if any."""
+        if self.publish is not None:
+            self.publish.put(self.layer_idx, probs)
 
     def update_cache(self, cache: Any, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if cache is None:

@@ -161,6 +161,7 @@ class DynamicClusteredAttention(ClusteredAttention):
         scores = torch.matmul(q * self.scale, k_rep.transpose(-1, -2))
         probs = masked_softmax(scores.float(), call.attention_mask).to(v.dtype)
         probs = probs.gather(1, cluster_of_head[:, :, None, None].expand(b, h, s, t))
+        self.hand_over(probs)
         out = torch.matmul(probs.reshape(b, self.num_kv_heads, self.group * s, t), v)
         return out.view(b, h, s, d)
 

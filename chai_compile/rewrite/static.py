@@ -77,7 +77,8 @@ class StaticClusteredAttention(ClusteredAttention):
         q, k, v = positioned_qkv(self, call)
         k, v = self.update_cache(cache, k, v)
         mask = call.attention_mask
-        if self.use_kernels and mask is None and q.is_cuda and q.dtype in _HALF:
+        # The kernels never materialise probabilities: a layer that shared layers read takes the torch path.
+        if self.use_kernels and self.publish is None and mask is None and q.is_cuda and q.dtype in _HALF:
             out = self._kernel(q, k, v)
             if out is not None:
                 return out
@@ -102,6 +103,7 @@ class StaticClusteredAttention(ClusteredAttention):
         probs = masked_softmax(scores.float() * self.scale, mask).to(v.dtype)
         if not self.slots_are_heads:
             probs = probs.index_select(1, self.slot_of_head)
+        self.hand_over(probs)
         # Heads of one GQA group share their V: [B, KV, g, S, T] @ [B, KV, 1, T, d]. (matmul expands V
         # over the group internally, as eager's repeat_kv does; a reshape/view of P to [B, KV, g*S, T]
         # would avoid that but adds symbolic-shape guards that make torch.export reject a dynamic length.)
