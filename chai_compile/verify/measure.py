@@ -114,7 +114,7 @@ def check_cache_prediction(kv: dict[str, Any], mapping: ClusterMapping,
     the wrong heads leaves the wrong size. Either must stop verify, not be reported as a saving.
     """
     stored = kv["batch"] * (kv["prefill_tokens"] + kv["decode_steps"])
-    predicted = [list(p) for p in mapping.cache_bytes(stored, kv["elem_bytes"], membership)]
+    predicted = [list(p) for p in mapping.cache_bytes(stored, kv["elem_bytes"], membership, batch=kv["batch"])]
     measured = kv["per_layer_bytes"]
     if measured != predicted:
         bad = next((i for i, p in enumerate(predicted) if i >= len(measured) or measured[i] != p), 0)
