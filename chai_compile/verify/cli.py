@@ -10,7 +10,7 @@ import click
 
 from chai_compile.choices import DType, Membership
 from chai_compile.cli_parse import choice_option, dtype_option, parse_int_list
-from chai_compile.errors import MappingError, ValidationFailed
+from chai_compile.errors import MappingError, UsageError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
 from chai_compile.placement_options import device_map_options, parsed
 
@@ -24,7 +24,8 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--tasks", "tasks_text", default=None,
                      help="Comma list of tasks or 'all' (default: all, or only the --task ones). Tasks: piqa, "
-                          "hellaswag, arc_easy, arc_challenge, boolq, copa, openbookqa, lambada, wikitext2."),
+                          "hellaswag, arc_easy, arc_challenge, boolq, copa, openbookqa, lambada, wikitext2; "
+                          "long context (not in 'all'): wikitext2-4k (4096-token windows), passkey."),
         click.option("--task", "task_files", multiple=True, metavar="NAME=PATH",
                      help="Evaluate a file in task NAME's format (repeatable); PATH may be hf:[ID[:CONFIG][@SPLIT]] "
                           "for a Hugging Face dataset."),
@@ -53,12 +54,13 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None):
+def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None,
+           passkey_lengths: tuple[int, ...] | None = None):
     from chai_compile.verify.tasks import parse_task_list, parse_task_option, resolve_tasks
 
     overrides = dict(parse_task_option(t) for t in task_files)
     names = parse_task_list(tasks_text) if tasks_text else ([] if overrides else parse_task_list("all"))
-    return resolve_tasks(names, overrides, data_dir)
+    return resolve_tasks(names, overrides, data_dir, passkey_lengths)
 
 
 def _check_out(out_dir: str | None, overwrite: bool) -> None:
@@ -68,15 +70,18 @@ def _check_out(out_dir: str | None, overwrite: bool) -> None:
 
 
 def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: str, plot) -> None:
-    """NAME.json, NAME.md and NAME.png, written into a staged directory renamed into place."""
+    """NAME.json, NAME.md and NAME.png (and passkey.png when passkey ran), written into a staged directory
+    renamed into place."""
     from chai_compile.fileio import staged_output_dir
+    from chai_compile.verify.long_context import passkey_plot
     from chai_compile.verify.report import dumps
 
     with staged_output_dir(out_dir, overwrite) as stage:
         (stage / f"{name}.json").write_text(dumps(result))
         (stage / f"{name}.md").write_text(md)
         plot(result, stage / f"{name}.png")
-    _log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png")
+        heatmap = passkey_plot(result, stage / "passkey.png")
+    _log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png" + (", passkey.png" if heatmap else ""))
 
 
 @click.command()
@@ -87,9 +92,15 @@ def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: s
               help="Exit 1 if an accuracy falls more than X points, or a perplexity rises more than X %.")
 @click.option("--out", "out_dir", default=None, type=click.Path(),
               help="Write verify.json, verify.md and verify.png here (must not exist).")
+@click.option("--passkey-lengths", "passkey_text", default=None, metavar="N,N,...",
+              help="Context lengths of the passkey task, e.g. 1k,2k [default: 1k,2k,4k,8k capped at the model's "
+                   "positions; stated lengths above them are refused].")
+@click.option("--kv-context", "kv_context_text", default=None, metavar="N,N,...",
+              help="Also measure the KV-cache bytes after a prefill of each length, e.g. 4096,8192.")
 @_eval_options
 @device_map_options
-def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
+def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None,
+           passkey_text: str | None, kv_context_text: str | None, tasks_text: str | None,
            task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int,
            membership: Membership, window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType,
            device: str, overwrite: bool, as_json: bool, device_map: str | None = None,
@@ -109,11 +120,16 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
     from chai_compile.loading import load_model
     from chai_compile.mapping import ClusterMapping
     from chai_compile.verify.compare import max_drop_violations
+    from chai_compile.verify.passkey import parse_lengths
     from chai_compile.verify.report import dumps, verify_markdown, verify_plot
 
     placed = parsed(device_map, max_memory)
+    passkey_lengths = parse_lengths(passkey_text, "--passkey-lengths") if passkey_text else None
+    kv_context = parse_lengths(kv_context_text, "--kv-context", UsageError) if kv_context_text else ()
     _check_out(out_dir, overwrite)
-    tasks = _tasks(tasks_text, task_files, data_dir)
+    tasks = _tasks(tasks_text, task_files, data_dir, passkey_lengths)
+    if passkey_lengths and not any(t.kind == "passkey" for t in tasks):
+        _log("--passkey-lengths has no effect without --tasks passkey")
     mapping = ClusterMapping.read(mapping_path) if mapping_path else None
     if max_drop is not None and mapping is None:
         _log("--max-drop has no effect without --mapping")
@@ -123,11 +139,12 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     core = compare_loaded(loaded, [(Path(mapping_path).stem, mapping)] if mapping else [], tasks,
                           membership=membership, limit=limit, batch_size=batch_size, window=window, stride=stride,
-                          kv_tokens=kv_tokens, kv_decode=kv_decode, log=_log)
+                          kv_tokens=kv_tokens, kv_decode=kv_decode, kv_context=kv_context, log=_log)
     result: dict[str, Any] = {
         "model": model, "mapping_path": mapping_path, "membership": membership,
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
                      "window": window, "stride": stride, "kv_tokens": kv_tokens, "kv_decode": kv_decode,
+                     "passkey_lengths": passkey_lengths, "kv_context": list(kv_context),
                      "device_map": device_map, "max_memory": max_memory},
         **core,
     }

@@ -7,6 +7,8 @@ Everything reduces to one primitive, the log-likelihood of a continuation given 
   log-likelihood divided by the answer's length in UTF-8 bytes (lm-eval divides by len(answer) in
   characters, the same for ASCII text);
 - LAMBADA: acc = the greedy (argmax) prediction reproduces every target token; ppl = exp(-mean ll);
+- passkey: exact match of greedy decoding (every answer token is the argmax given the prompt), per
+  context length and key depth (passkey.py builds the prompts);
 - perplexity: a sliding window (HF's recipe) where each window contributes only the tokens the
   previous one did not predict, so every token after the first is scored once.
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from chai_compile.device_map import input_device
+from chai_compile.verify.passkey import PasskeyItem, PromptBuilder, check_lengths, passkey_metrics
 from chai_compile.verify.tasks import MCItem, Task
 
 
@@ -130,8 +133,10 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit:
         reqs = [encode_pair(tokenizer, it.context, it.delimiter + ch) for it in items for ch in it.choices]
     elif task.kind == "last_word":
         reqs = [encode_pair(tokenizer, it.context, it.target) for it in items]
+    elif task.kind == "passkey":
+        reqs = _prepare_passkey(task, items, tokenizer, max_len, meta)
     else:
-        win = min(window or 1024, max_len)
+        win = min(task.window or window or 1024, max_len)
         step = min(stride or win // 2, win)
         text = "".join(it.text for it in items)
         ids = _encode_prefix(tokenizer, text, win + step * limit + 1) if limit else _encode(tokenizer, text)
@@ -141,6 +146,26 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit:
         reqs = [Request(tuple(ids[b:t]), tuple(ids[t:e])) for b, e, t in wins]
         meta.update(window=win, stride=step, corpus_tokens=len(ids), windows=len(wins))
     return Prepared(task, reqs, items, meta)
+
+
+def _prepare_passkey(task: Task, items: list[PasskeyItem], tokenizer: Any, max_len: int,
+                     meta: dict[str, Any]) -> list[Request]:
+    """Prompts to each item's length; default lengths above the model's positions are capped to them."""
+    if task.explicit_lengths:
+        check_lengths([it.length for it in items], max_len, "--passkey-lengths")
+    builder = PromptBuilder(tokenizer)
+    reqs, lengths, facts = [], [], []
+    for it in items:
+        n = min(it.length, max_len)
+        prompt, answer, f = builder.build(it, n)
+        reqs.append(encode_pair(tokenizer, prompt, answer))
+        lengths.append(n)
+        facts.append(f)
+    # underscored: per-item facts for scoring and tests, kept out of the report's task_info
+    meta.update(lengths=sorted(set(lengths)), depths=sorted({it.depth for it in items}),
+                prompt_tokens=[min(f["tokens"] for f in facts), max(f["tokens"] for f in facts)],
+                _item_lengths=lengths, _facts=facts)
+    return reqs
 
 
 # ---- backends ------------------------------------------------------------------------------------
@@ -286,6 +311,8 @@ def score(model: nn.Module | LogitsBackend, prepared: Prepared, tokenizer: Any, 
     tokens = sum(len(r.context) + len(r.continuation) for r in prepared.requests)
     if task.kind == "multiple_choice":
         out = mc_metrics(prepared.items, [ll for ll, _ in res])
+    elif task.kind == "passkey":
+        out = passkey_metrics(prepared.items, prepared.meta["_item_lengths"], [g for _, g in res])
     elif task.kind == "last_word":
         n = len(res)
         acc = sum(g for _, g in res) / n
