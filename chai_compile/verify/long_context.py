@@ -64,8 +64,9 @@ def long_context_markdown(result: dict[str, Any]) -> str:
         lines.pop()
     ctx0 = result["original"].get("kv_context") or []
     if ctx0:
+        names = ["context", "original"] + [f"{p['label']} | saving" for p in result["points"]]
         lines += ["", "## KV-cache bytes at stated contexts (measured after a prefill)", "",
-                  "| " + " | ".join(["context", "original"] + [f"{p['label']} | saving" for p in result["points"]]) + " |",
+                  "| " + " | ".join(names) + " |",
                   "|---|---|" + "---|---|" * len(result["points"])]
         for i, o in enumerate(ctx0):
             row = f"| {o['context']} | {o['total_bytes']:,} |"
@@ -86,7 +87,8 @@ def passkey_plot(result: dict[str, Any], path: Path) -> Path | None:
 
     task = tasks[0]
     cols = _columns(result)
-    fig = _figure(1.0 + 3.2 * len(cols), 3.4)
+    fig = _figure(1.5 + 3.2 * len(cols), 3.6)
+    fig.set_layout_engine("constrained")  # room for the colour bar and tick labels
     axes = fig.subplots(1, len(cols), squeeze=False)[0]
     image = None
     for ax, (label, res) in zip(axes, cols, strict=True):
@@ -105,7 +107,7 @@ def passkey_plot(result: dict[str, Any], path: Path) -> Path | None:
             for x, v in enumerate(row):
                 ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     axes[0].set_ylabel("context tokens")
-    fig.colorbar(image, ax=list(axes), label="accuracy", fraction=0.05)
-    fig.suptitle(f"{result['model']}: passkey retrieval", fontsize=10)
+    fig.colorbar(image, ax=list(axes), label="accuracy")
+    fig.suptitle(f"{Path(result['model']).name}: passkey retrieval (greedy exact match)", fontsize=10)
     fig.savefig(path, dpi=120)
     return path
