@@ -126,6 +126,26 @@ class PromptBuilder:
         return prompt, answer, {"tokens": total, "key_token": key_at, "key_fraction": key_at / total}
 
 
+def build_prompts(items: Sequence[PasskeyItem], tokenizer: Any, max_length: int,
+                  explicit: bool) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """(prompt, answer) per item and the task facts for the report. Default lengths above the model's
+    positions are capped to them; lengths the user stated are refused there."""
+    if explicit:
+        check_lengths([it.length for it in items], max_length, "--passkey-lengths")
+    builder = PromptBuilder(tokenizer)
+    pairs, lengths, facts = [], [], []
+    for it in items:
+        n = min(it.length, max_length)
+        prompt, answer, f = builder.build(it, n)
+        pairs.append((prompt, answer))
+        lengths.append(n)
+        facts.append(f)
+    # underscored: per-item facts for scoring and tests, kept out of the report's task_info
+    return pairs, {"lengths": sorted(set(lengths)), "depths": sorted({it.depth for it in items}),
+                   "prompt_tokens": [min(f["tokens"] for f in facts), max(f["tokens"] for f in facts)],
+                   "_item_lengths": lengths, "_facts": facts}
+
+
 def passkey_metrics(items: Sequence[PasskeyItem], lengths: Sequence[int], hits: Sequence[bool]) -> dict[str, Any]:
     """acc overall, per (effective) length, per depth and per length x depth cell."""
     def acc(sel: list[int]) -> float:

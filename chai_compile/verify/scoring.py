@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from chai_compile.device_map import input_device
-from chai_compile.verify.passkey import PasskeyItem, PromptBuilder, check_lengths, passkey_metrics
+from chai_compile.verify.passkey import build_prompts, passkey_metrics
 from chai_compile.verify.tasks import MCItem, Task
 
 
@@ -134,7 +134,9 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit:
     elif task.kind == "last_word":
         reqs = [encode_pair(tokenizer, it.context, it.target) for it in items]
     elif task.kind == "passkey":
-        reqs = _prepare_passkey(task, items, tokenizer, max_len, meta)
+        pairs, facts = build_prompts(items, tokenizer, max_len, task.explicit_lengths)
+        reqs = [encode_pair(tokenizer, prompt, answer) for prompt, answer in pairs]
+        meta.update(facts)
     else:
         win = min(task.window or window or 1024, max_len)
         step = min(stride or win // 2, win)
@@ -146,26 +148,6 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit:
         reqs = [Request(tuple(ids[b:t]), tuple(ids[t:e])) for b, e, t in wins]
         meta.update(window=win, stride=step, corpus_tokens=len(ids), windows=len(wins))
     return Prepared(task, reqs, items, meta)
-
-
-def _prepare_passkey(task: Task, items: list[PasskeyItem], tokenizer: Any, max_len: int,
-                     meta: dict[str, Any]) -> list[Request]:
-    """Prompts to each item's length; default lengths above the model's positions are capped to them."""
-    if task.explicit_lengths:
-        check_lengths([it.length for it in items], max_len, "--passkey-lengths")
-    builder = PromptBuilder(tokenizer)
-    reqs, lengths, facts = [], [], []
-    for it in items:
-        n = min(it.length, max_len)
-        prompt, answer, f = builder.build(it, n)
-        reqs.append(encode_pair(tokenizer, prompt, answer))
-        lengths.append(n)
-        facts.append(f)
-    # underscored: per-item facts for scoring and tests, kept out of the report's task_info
-    meta.update(lengths=sorted(set(lengths)), depths=sorted({it.depth for it in items}),
-                prompt_tokens=[min(f["tokens"] for f in facts), max(f["tokens"] for f in facts)],
-                _item_lengths=lengths, _facts=facts)
-    return reqs
 
 
 # ---- backends ------------------------------------------------------------------------------------
