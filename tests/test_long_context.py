@@ -191,3 +191,15 @@ def test_parse_lengths():
     assert parse_lengths("1k, 2K,4096,4096", "--x") == (1024, 2048, 4096)
     with pytest.raises(TaskError, match="is empty"):
         parse_lengths(",", "--x")
+
+
+def test_sweep_reports_passkey_and_kv_at_contexts(stories, tmp_path):
+    plan = ClusterMapping.identity(model_info(adapter_for(stories.model))).write(tmp_path / "identity.json")
+    r = _run(["sweep", str(STORIES), "--mappings", str(plan), "--tasks", "passkey", "--passkey-lengths", "256",
+              "--kv-context", "256", "--limit", "5", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    point = res["points"][0]
+    assert point["kv_context"][0]["context"] == 256 and point["kv_context"][0]["saving_pct"] == 0.0
+    assert point["comparison"]["passkey"]["acc"]["delta"] == 0.0  # identity clusters: the same answers
+    assert (tmp_path / "s" / "passkey.png").stat().st_size > 0
