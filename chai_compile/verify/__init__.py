@@ -1,9 +1,12 @@
 """Verification: the original and the CHAI model side by side on zero-shot tasks, cache bytes, FLOPs and time.
 
-- `tasks`: readers for PIQA, HellaSwag, ARC, BoolQ, COPA, OpenBookQA, LAMBADA, WikiText-2 (local, user, HF);
+- `tasks`: readers for PIQA, HellaSwag, ARC, BoolQ, COPA, OpenBookQA, LAMBADA, WikiText-2 (local, user, HF),
+  and the long-context tasks wikitext2-4k and passkey (`passkey`: generated from a seed);
 - `scoring`: lm-evaluation-harness-style log-likelihood scoring, LAMBADA, sliding-window perplexity;
 - `measure`: KV-cache bytes from the real cache tensors, attention FLOPs;
-- `compare`: one code path for verify and sweep; `report`: JSON, Markdown, PNG; `cli`: the commands.
+- `compare`: one code path for verify and sweep; `report`: JSON, Markdown, PNG; `cli`: the commands;
+- `long_context`: KV bytes at stated context lengths, the passkey tables and heatmap; `baselines`: the
+  StreamingLLM plan (sinks + window in every head) to compare at equal KV saving.
 """
 
 from __future__ import annotations

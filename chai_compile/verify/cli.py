@@ -10,7 +10,7 @@ import click
 
 from chai_compile.choices import DType, Membership
 from chai_compile.cli_parse import choice_option, dtype_option, parse_int_list
-from chai_compile.errors import MappingError, ValidationFailed
+from chai_compile.errors import MappingError, UsageError, ValidationFailed
 from chai_compile.fileio import claim_output_dir
 from chai_compile.placement_options import device_map_options, parsed
 
@@ -24,7 +24,8 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
         click.option("--tasks", "tasks_text", default=None,
                      help="Comma list of tasks or 'all' (default: all, or only the --task ones). Tasks: piqa, "
-                          "hellaswag, arc_easy, arc_challenge, boolq, copa, openbookqa, lambada, wikitext2."),
+                          "hellaswag, arc_easy, arc_challenge, boolq, copa, openbookqa, lambada, wikitext2; "
+                          "long context (not in 'all'): wikitext2-4k (4096-token windows), passkey."),
         click.option("--task", "task_files", multiple=True, metavar="NAME=PATH",
                      help="Evaluate a file in task NAME's format (repeatable); PATH may be hf:[ID[:CONFIG][@SPLIT]] "
                           "for a Hugging Face dataset."),
@@ -43,6 +44,11 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Prefill length for the measured KV-cache bytes."),
         click.option("--kv-decode", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Greedy decode steps after that prefill before the cache is measured (a generation)."),
+        click.option("--kv-context", "kv_context_text", default=None, metavar="N,N,...",
+                     help="Also measure the KV-cache bytes after a prefill of each length, e.g. 4096,8192."),
+        click.option("--passkey-lengths", "passkey_text", default=None, metavar="N,N,...",
+                     help="Context lengths of the passkey task, e.g. 1k,2k [default: 1k,2k,4k,8k capped at the "
+                          "model's positions; stated lengths above them are refused]."),
         dtype_option(),
         click.option("--device", default="cpu", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace an existing output directory."),
@@ -53,12 +59,26 @@ def _eval_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None):
+def _tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None,
+           passkey_lengths: tuple[int, ...] | None = None):
     from chai_compile.verify.tasks import parse_task_list, parse_task_option, resolve_tasks
 
     overrides = dict(parse_task_option(t) for t in task_files)
     names = parse_task_list(tasks_text) if tasks_text else ([] if overrides else parse_task_list("all"))
-    return resolve_tasks(names, overrides, data_dir)
+    return resolve_tasks(names, overrides, data_dir, passkey_lengths)
+
+
+def _long_tasks(tasks_text: str | None, task_files: tuple[str, ...], data_dir: str | None,
+                passkey_text: str | None, kv_context_text: str | None):
+    """The tasks, with the passkey lengths and the KV contexts parsed (shared by verify and sweep)."""
+    from chai_compile.verify.passkey import parse_lengths
+
+    passkey_lengths = parse_lengths(passkey_text, "--passkey-lengths") if passkey_text else None
+    kv_context = parse_lengths(kv_context_text, "--kv-context", UsageError) if kv_context_text else ()
+    tasks = _tasks(tasks_text, task_files, data_dir, passkey_lengths)
+    if passkey_lengths and not any(t.kind == "passkey" for t in tasks):
+        _log("--passkey-lengths has no effect without --tasks passkey")
+    return tasks, passkey_lengths, kv_context
 
 
 def _check_out(out_dir: str | None, overwrite: bool) -> None:
@@ -68,15 +88,18 @@ def _check_out(out_dir: str | None, overwrite: bool) -> None:
 
 
 def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: str, plot) -> None:
-    """NAME.json, NAME.md and NAME.png, written into a staged directory renamed into place."""
+    """NAME.json, NAME.md and NAME.png (and passkey.png when passkey ran), written into a staged directory
+    renamed into place."""
     from chai_compile.fileio import staged_output_dir
+    from chai_compile.verify.long_context import passkey_plot
     from chai_compile.verify.report import dumps
 
     with staged_output_dir(out_dir, overwrite) as stage:
         (stage / f"{name}.json").write_text(dumps(result))
         (stage / f"{name}.md").write_text(md)
         plot(result, stage / f"{name}.png")
-    _log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png")
+        heatmap = passkey_plot(result, stage / "passkey.png")
+    _log(f"wrote {out_dir}/{name}.json, {name}.md, {name}.png" + (", passkey.png" if heatmap else ""))
 
 
 @click.command()
@@ -91,9 +114,9 @@ def _write_outputs(out_dir: str, overwrite: bool, name: str, result: dict, md: s
 @device_map_options
 def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir: str | None, tasks_text: str | None,
            task_files: tuple[str, ...], data_dir: str | None, limit: int | None, batch_size: int,
-           membership: Membership, window: int, stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType,
-           device: str, overwrite: bool, as_json: bool, device_map: str | None = None,
-           max_memory: str | None = None) -> None:
+           membership: Membership, window: int, stride: int | None, kv_tokens: int, kv_decode: int,
+           kv_context_text: str | None, passkey_text: str | None, dtype: DType, device: str, overwrite: bool,
+           as_json: bool, device_map: str | None = None, max_memory: str | None = None) -> None:
     """Evaluate MODEL and its CHAI rewrite side by side: task accuracy, perplexity, KV-cache bytes, FLOPs, time.
 
     MODEL may also be an export directory: the artifact is then checked against its PyTorch source
@@ -113,7 +136,7 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     placed = parsed(device_map, max_memory)
     _check_out(out_dir, overwrite)
-    tasks = _tasks(tasks_text, task_files, data_dir)
+    tasks, passkey_lengths, kv_context = _long_tasks(tasks_text, task_files, data_dir, passkey_text, kv_context_text)
     mapping = ClusterMapping.read(mapping_path) if mapping_path else None
     if max_drop is not None and mapping is None:
         _log("--max-drop has no effect without --mapping")
@@ -123,11 +146,12 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 
     core = compare_loaded(loaded, [(Path(mapping_path).stem, mapping)] if mapping else [], tasks,
                           membership=membership, limit=limit, batch_size=batch_size, window=window, stride=stride,
-                          kv_tokens=kv_tokens, kv_decode=kv_decode, log=_log)
+                          kv_tokens=kv_tokens, kv_decode=kv_decode, kv_context=kv_context, log=_log)
     result: dict[str, Any] = {
         "model": model, "mapping_path": mapping_path, "membership": membership,
         "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
                      "window": window, "stride": stride, "kv_tokens": kv_tokens, "kv_decode": kv_decode,
+                     "passkey_lengths": passkey_lengths, "kv_context": list(kv_context),
                      "device_map": device_map, "max_memory": max_memory},
         **core,
     }
@@ -163,8 +187,8 @@ def verify(model: str, mapping_path: str | None, max_drop: float | None, out_dir
 def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: str, no_default: bool,
           mapping_paths: tuple[str, ...], out_dir: str, tasks_text: str | None, task_files: tuple[str, ...],
           data_dir: str | None, limit: int | None, batch_size: int, membership: Membership, window: int,
-          stride: int | None, kv_tokens: int, kv_decode: int, dtype: DType, device: str, overwrite: bool,
-          as_json: bool) -> None:
+          stride: int | None, kv_tokens: int, kv_decode: int, kv_context_text: str | None, passkey_text: str | None,
+          dtype: DType, device: str, overwrite: bool, as_json: bool) -> None:
     """Verify mappings of MODEL at several budgets and plot measured KV-cache saving against accuracy change.
 
     The original is evaluated once; each mapping is applied to a copy and scored on the same requests.
@@ -177,7 +201,7 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
     _check_out(out_dir, overwrite)
     if not profile_dir and not mapping_paths:
         raise MappingError("sweep needs mappings", fix="pass --profile PROFILE_DIR and/or --mappings FILE_OR_DIR")
-    tasks = _tasks(tasks_text, task_files, data_dir)
+    tasks, _, kv_context = _long_tasks(tasks_text, task_files, data_dir, passkey_text, kv_context_text)
     mappings = []
     if profile_dir:
         mappings += mappings_from_profile(profile_dir, parse_int_list(clusters_text, "--clusters", minimum=1),
@@ -188,7 +212,7 @@ def sweep(model: str, profile_dir: str | None, clusters_text: str, dense_text: s
     _log(f"sweeping {len(mappings)} mappings: {', '.join(label for label, _ in mappings)}")
     result = run_sweep(model, mappings, tasks, limit, batch_size=batch_size, membership=membership, dtype=dtype,
                        device=device, window=window, stride=stride, kv_tokens=kv_tokens, kv_decode=kv_decode,
-                       log=_log)
+                       kv_context=kv_context, log=_log)
     if profile_dir:
         result["profile_dir"] = profile_dir
     md = sweep_markdown(result)

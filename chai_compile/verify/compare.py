@@ -16,19 +16,24 @@ import torch
 from torch import nn
 
 from chai_compile.choices import Membership
-from chai_compile.errors import ChaiError
+from chai_compile.errors import ChaiError, UsageError
 from chai_compile.loading import LoadedModel
 from chai_compile.mapping import ClusterMapping
+from chai_compile.verify.long_context import context_savings, kv_at_contexts
 from chai_compile.verify.measure import check_cache_prediction, flops_comparison, measure_kv_cache
+from chai_compile.verify.passkey import check_lengths
 from chai_compile.verify.scoring import LogitsBackend, Prepared, model_max_length, prepare, score
 from chai_compile.verify.tasks import Task
 
 # Accuracy-like metrics compare in points (x100), perplexities as % change.
-METRICS = {"multiple_choice": ("acc", "acc_norm"), "last_word": ("acc", "ppl"), "perplexity": ("ppl",)}
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "last_word": ("acc", "ppl"), "perplexity": ("ppl",),
+           "passkey": ("acc",)}
 # lm-eval reports only acc where answers are fixed short forms (no/yes; two parallel sentences)
 ACC_ONLY = frozenset({"boolq", "copa"})
 # The metric averaged for the sweep's "average accuracy change" and checked first by --max-drop.
-PRIMARY = {"multiple_choice": "acc", "last_word": "acc", "perplexity": "ppl"}
+PRIMARY = {"multiple_choice": "acc", "last_word": "acc", "perplexity": "ppl", "passkey": "acc"}
+# Kinds left out of the average accuracy change: it stays the zero-shot average the goals are stated in.
+NOT_AVERAGED = frozenset({"perplexity", "passkey"})
 
 Log = Callable[[str], None]
 
@@ -92,7 +97,7 @@ def compare_task(metrics: tuple[str, ...], orig: dict[str, Any], chai: dict[str,
 
 
 def average_accuracy_change(comparison: dict[str, dict[str, Any]], kinds: dict[str, str]) -> float | None:
-    deltas = [comparison[t][PRIMARY[k]]["delta"] for t, k in kinds.items() if k != "perplexity" and t in comparison]
+    deltas = [comparison[t][PRIMARY[k]]["delta"] for t, k in kinds.items() if k not in NOT_AVERAGED and t in comparison]
     return sum(deltas) / len(deltas) if deltas else None
 
 
@@ -129,9 +134,11 @@ def compare_loaded(
     stride: int | None = None,
     kv_tokens: int = 512,
     kv_decode: int = 0,
+    kv_context: Sequence[int] = (),
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the original once and each mapping's CHAI model on the same requests.
+    """Evaluate the original once and each mapping's CHAI model on the same requests; `kv_context` adds
+    the cache bytes measured after a prefill of each stated length (refused above the model's positions).
 
     Returns {"original": {...}, "points": [one per mapping]}, JSON-serialisable.
     """
@@ -141,6 +148,7 @@ def compare_loaded(
     model, tok = loaded.model, loaded.tokenizer
     for _, m in mappings:  # fail before any expensive work
         check_mapping(model, m)
+    check_lengths(kv_context, model_max_length(model), "--kv-context", UsageError)
     prepared = [prepare(t, tok, model, limit, window, stride) for t in tasks]
     kinds = {t.name: t.kind for t in tasks}
     kv_tokens = max(1, min(kv_tokens, model_max_length(model)))
@@ -151,12 +159,13 @@ def compare_loaded(
         "original": {
             "tasks": {n: _public(r) for n, r in orig.items()},
             "kv_cache": orig_kv,
+            "kv_context": kv_at_contexts(model, kv_context, log=log),
             "flops": flops_comparison(model, None, kv_tokens)["original"] if mappings else None,
             "wall_s": round(sum(r["wall_s"] for r in orig.values()), 3),
         },
         "task_info": {p.task.name: {"kind": p.task.kind, "source": p.task.source,
                                     "metrics": list(task_metrics(p.task.name, p.task.kind)),
-                                    **{k: v for k, v in p.meta.items()}} for p in prepared},
+                                    **{k: v for k, v in p.meta.items() if not k.startswith("_")}} for p in prepared},
         "points": [],
     }
     for label, mapping in mappings:
@@ -169,6 +178,7 @@ def compare_loaded(
             chai = evaluate(chai_model, tok, prepared, batch_size, f"CHAI {label}".strip(), log)
             kv = measure_kv_cache(chai_model, kv_tokens, kv_decode)
             check_cache_prediction(kv, mapping, membership)
+            kv_ctx = kv_at_contexts(chai_model, kv_context, mapping, membership, log)
         finally:
             del chai_model
             if undo is not None:
@@ -187,6 +197,7 @@ def compare_loaded(
             "average_accuracy_change_points": average_accuracy_change(comparison, kinds),
             "kv_cache": kv,
             "kv_cache_saving_pct": round(100 * (1 - kv["bytes_per_token"] / orig_kv["bytes_per_token"]), 3),
+            "kv_context": context_savings(out["original"]["kv_context"], kv_ctx),
             "flops": flops_comparison(model, mapping, kv_tokens),
             "wall_s": round(sum(r["wall_s"] for r in chai.values()), 3),
         })

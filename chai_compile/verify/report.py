@@ -84,6 +84,10 @@ def verify_markdown(result: dict[str, Any]) -> str:
                   f"| evaluation wall time (s) | {orig['wall_s']:.1f} | - | - |"]
         lines += ["", "| task | original s |", "|---|---|"]
         lines += [f"| {t} | {r['wall_s']:.1f} |" for t, r in orig["tasks"].items()]
+    from chai_compile.verify.long_context import long_context_markdown
+
+    extra = long_context_markdown(result)
+    lines += [extra.rstrip()] if extra else []
     violations = result.get("max_drop", {}).get("violations") or []
     if result.get("max_drop"):
         lines += ["", f"Max drop {result['max_drop']['threshold']:g}: "

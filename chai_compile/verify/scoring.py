@@ -7,6 +7,8 @@ Everything reduces to one primitive, the log-likelihood of a continuation given 
   log-likelihood divided by the answer's length in UTF-8 bytes (lm-eval divides by len(answer) in
   characters, the same for ASCII text);
 - LAMBADA: acc = the greedy (argmax) prediction reproduces every target token; ppl = exp(-mean ll);
+- passkey: exact match of greedy decoding (every answer token is the argmax given the prompt), per
+  context length and key depth (passkey.py builds the prompts);
 - perplexity: a sliding window (HF's recipe) where each window contributes only the tokens the
   previous one did not predict, so every token after the first is scored once.
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from chai_compile.device_map import input_device
+from chai_compile.verify.passkey import build_prompts, passkey_metrics
 from chai_compile.verify.tasks import MCItem, Task
 
 
@@ -130,8 +133,12 @@ def prepare(task: Task, tokenizer: Any, model: nn.Module | LogitsBackend, limit:
         reqs = [encode_pair(tokenizer, it.context, it.delimiter + ch) for it in items for ch in it.choices]
     elif task.kind == "last_word":
         reqs = [encode_pair(tokenizer, it.context, it.target) for it in items]
+    elif task.kind == "passkey":
+        pairs, facts = build_prompts(items, tokenizer, max_len, task.explicit_lengths)
+        reqs = [encode_pair(tokenizer, prompt, answer) for prompt, answer in pairs]
+        meta.update(facts)
     else:
-        win = min(window or 1024, max_len)
+        win = min(task.window or window or 1024, max_len)
         step = min(stride or win // 2, win)
         text = "".join(it.text for it in items)
         ids = _encode_prefix(tokenizer, text, win + step * limit + 1) if limit else _encode(tokenizer, text)
@@ -286,6 +293,8 @@ def score(model: nn.Module | LogitsBackend, prepared: Prepared, tokenizer: Any, 
     tokens = sum(len(r.context) + len(r.continuation) for r in prepared.requests)
     if task.kind == "multiple_choice":
         out = mc_metrics(prepared.items, [ll for ll, _ in res])
+    elif task.kind == "passkey":
+        out = passkey_metrics(prepared.items, prepared.meta["_item_lengths"], [g for _, g in res])
     elif task.kind == "last_word":
         n = len(res)
         acc = sum(g for _, g in res) / n

@@ -106,6 +106,7 @@ def sweep(
     stride: int | None = None,
     kv_tokens: int = 512,
     kv_decode: int = 0,
+    kv_context: Sequence[int] = (),
     data_dir: str | Path | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
@@ -118,10 +119,10 @@ def sweep(
     loaded = load_model(model_spec, dtype, device)
     result = compare_loaded(loaded, list(mappings), task_objs, membership=membership, limit=limit,
                             batch_size=batch_size, window=window, stride=stride, kv_tokens=kv_tokens,
-                            kv_decode=kv_decode, log=log)
+                            kv_decode=kv_decode, kv_context=kv_context, log=log)
     result = {"model": model_spec, "membership": membership,
               "settings": {"limit": limit, "batch_size": batch_size, "dtype": dtype, "device": device,
-                           "kv_tokens": kv_tokens, "kv_decode": kv_decode},
+                           "kv_tokens": kv_tokens, "kv_decode": kv_decode, "kv_context": list(kv_context)},
               **result}
     # Sorted by measured saving: the order of the curve
     result["points"].sort(key=lambda p: p["kv_cache_saving_pct"])

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from chai_compile.errors import TaskError
 
-Kind = Literal["multiple_choice", "last_word", "perplexity"]
+Kind = Literal["multiple_choice", "last_word", "perplexity", "passkey"]
 
 
 @dataclass(frozen=True)

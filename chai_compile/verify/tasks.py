@@ -6,7 +6,9 @@ A task name picks a file format and a prompt format (both as lm-evaluation-harne
 - multiple choice (`MCItem`): a context and several answers; each answer is scored as the
   continuation `delimiter + answer` of the context;
 - last word (`LastWordItem`, LAMBADA): a context and the final word as target;
-- perplexity (`CorpusItem`, WikiText-2): one plain text scored with a sliding window.
+- perplexity (`CorpusItem`, WikiText-2): one plain text scored with a sliding window (`wikitext2-4k`:
+  the same text in 4096-token windows, capped at the model's positions);
+- passkey (`PasskeyItem`, passkey.py): synthetic long-context retrieval, generated from a seed.
 
 `--task NAME=PATH` reads a user file in NAME's format; `--task NAME=hf:ID[:CONFIG][@SPLIT]` (or just
 `hf:`) loads a Hugging Face dataset when `datasets` is installed and a hub is reachable. Every
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from chai_compile.errors import TaskError
+from chai_compile.verify.passkey import DEFAULT_LENGTHS, DEFAULT_SEED, passkey_items
 from chai_compile.verify.task_files import (  # noqa: F401  (item types re-exported for scoring and tests)
     HELLASWAG_FMT,
     LAMBADA_FMT,
@@ -47,6 +50,8 @@ class Task:
     kind: Kind
     source: str  # file path or hf:... spec, for the report
     items: list[Any] = field(default_factory=list)
+    window: int | None = None  # a long-window perplexity task's own window (overrides --window)
+    explicit_lengths: bool = False  # passkey lengths the user stated: refused, not capped, above the model
 
     def limited(self, limit: int | None) -> list[Any]:
         """First `limit` items (lm-eval's --limit); perplexity tasks apply the limit to windows instead."""
@@ -65,6 +70,16 @@ class TaskSpec:
     default_file: str | None  # relative to the eval data directory
     fmt: str
     hf: tuple[str, str | None, str]  # default Hugging Face dataset id, config, split
+    window: int | None = None
+    in_all: bool = True  # long-context tasks are asked for by name: `all` stays the short zero-shot set
+
+
+PASSKEY_FMT = "synthetic (generated from a seed; no file)"
+
+
+def _no_file(spec: str, task: str) -> list[Any]:
+    raise TaskError(f"{task} is generated, it reads no file", value=spec,
+                    fix=f"drop --task {task}=...; pass --tasks {task} (and --passkey-lengths)")
 
 
 def _query(suffix: str) -> Callable[[str, str], list[MCItem]]:
@@ -88,11 +103,15 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
              ("EleutherAI/lambada_openai", "default", "test")),
     TaskSpec("wikitext2", "perplexity", read_corpus, "wikitext2/test.txt", WIKITEXT_FMT,
              ("Salesforce/wikitext", "wikitext-2-v1", "test")),
+    TaskSpec("wikitext2-4k", "perplexity", read_corpus, "wikitext2/test.txt", WIKITEXT_FMT,
+             ("Salesforce/wikitext", "wikitext-2-v1", "test"), window=4096, in_all=False),
+    TaskSpec("passkey", "passkey", _no_file, None, PASSKEY_FMT, ("", None, ""), in_all=False),
 )}
 ALIASES = {"openbook_qa": "openbookqa", "obqa": "openbookqa", "arc-easy": "arc_easy", "arc-challenge": "arc_challenge",
-           "lambada_openai": "lambada", "wikitext": "wikitext2", "wikitext-2": "wikitext2"}
+           "lambada_openai": "lambada", "wikitext": "wikitext2", "wikitext-2": "wikitext2",
+           "wikitext2_4k": "wikitext2-4k", "passkey_retrieval": "passkey"}
 # `--tasks all`: every task with a file in the shared data.
-ALL_TASKS = [n for n, t in TASKS.items() if t.default_file]
+ALL_TASKS = [n for n, t in TASKS.items() if t.default_file and t.in_all]
 
 
 def canonical_name(name: str) -> str:
@@ -140,10 +159,17 @@ def parse_task_option(text: str) -> tuple[str, str]:
     return canonical_name(name), path.strip()
 
 
-def load_task(name: str, source: str | None = None, data_dir: str | Path | None = None) -> Task:
-    """Read one task: `source` is a path, 'hf:...' or None for the shared data file."""
+def load_task(name: str, source: str | None = None, data_dir: str | Path | None = None,
+              passkey_lengths: tuple[int, ...] | None = None) -> Task:
+    """Read one task: `source` is a path, 'hf:...' or None for the shared data file (passkey: generated,
+    at `passkey_lengths` or the default 1k-8k, which are capped at the model's positions)."""
     name = canonical_name(name)
     spec = TASKS[name]
+    if spec.kind == "passkey":
+        if source is not None:
+            _no_file(source, name)
+        return Task(name, spec.kind, f"synthetic seed {DEFAULT_SEED}",
+                    passkey_items(passkey_lengths or DEFAULT_LENGTHS), explicit_lengths=passkey_lengths is not None)
     if source is None:
         root = Path(data_dir).expanduser() if data_dir else default_data_dir()
         if spec.default_file is None:
@@ -161,15 +187,15 @@ def load_task(name: str, source: str | None = None, data_dir: str | Path | None 
         items = spec.reader(source, name)
     if not items:
         raise TaskError(f"{name}: {source} holds no items")
-    return Task(name, spec.kind, source, items)
+    return Task(name, spec.kind, source, items, window=spec.window)
 
 
 def resolve_tasks(names: list[str], overrides: dict[str, str] | None = None,
-                  data_dir: str | Path | None = None) -> list[Task]:
+                  data_dir: str | Path | None = None, passkey_lengths: tuple[int, ...] | None = None) -> list[Task]:
     """Tasks in order: `names` first (user files replace shared ones), then override-only tasks."""
     overrides = {canonical_name(k): v for k, v in (overrides or {}).items()}
     order = [canonical_name(n) for n in names]
     order += [n for n in overrides if n not in order]
     if not order:
         raise TaskError("no tasks selected", fix="pass --tasks piqa,hellaswag,... or --tasks all")
-    return [load_task(n, overrides.get(n), data_dir) for n in order]
+    return [load_task(n, overrides.get(n), data_dir, passkey_lengths) for n in order]
