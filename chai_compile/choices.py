@@ -88,3 +88,12 @@ class DType(Choice):
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DTYPE_SPELLINGS = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what --dtype accepts
+
+
+class Transform(Choice):
+    """What the planner may do to cut the KV cache. CHAI: drop K heads (clustered scores); SPAN: a KV head's
+    cache becomes sinks + a recent window; SHARED: a layer reuses an earlier layer's probabilities (no K)."""
+
+    CHAI = "chai"
+    SPAN = "span"
+    SHARED = "shared"
