@@ -68,7 +68,7 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
     """Span mass and layer similarity over the windows input_ids [N, T], one window at a time."""
     spec = adapter.spec
     n, t = input_ids.shape
-    mass = SpanMass(spec.num_layers, spec.num_heads, sinks, windows)
+    mass = SpanMass(spec.num_layers, spec.num_heads, sinks, windows, t)
     sim = LayerSimilarity(spec.num_layers, spec.num_heads)
     scale = adapter.scaling()
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
