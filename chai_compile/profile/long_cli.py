@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import click
 
-from chai_compile.choices import BUILTIN_CALIBRATION, DType
+from chai_compile.choices import BUILTIN_CALIBRATION, SPAN_SINKS, SPAN_WINDOWS, DType
 from chai_compile.cli_parse import dtype_option, parse_int_list
 from chai_compile.errors import CalibrationError, UsageError
-from chai_compile.profile.spans import SINKS, WINDOWS
 
 STATS_FILE = "long_context.json"
 
@@ -26,8 +25,8 @@ def _ints(text: str, option: str, minimum: int) -> tuple[int, ...]:
 @click.option("--samples", default=2, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", type=int, default=None,
               help="Tokens per window [default: 2048, or the model's positions if fewer].")
-@click.option("--sinks", default=",".join(map(str, SINKS)), show_default=True, help="Sink-token counts s.")
-@click.option("--windows", default=",".join(map(str, WINDOWS)), show_default=True, help="Recent-window lengths w.")
+@click.option("--sinks", default=",".join(map(str, SPAN_SINKS)), show_default=True, help="Sink-token counts s.")
+@click.option("--windows", default=",".join(map(str, SPAN_WINDOWS)), show_default=True, help="Recent-window lengths w.")
 @click.option("--threshold", default=0.9, show_default=True,
               help="Mass a head must keep to count as within a span in the summary.")
 @click.option("--chunk", default=64, show_default=True, help="Query rows per chunk (memory: L x H x chunk x T).")

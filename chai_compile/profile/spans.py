@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
-SINKS = (0, 4, 16)  # attention-sink counts measured by default
-WINDOWS = (64, 128, 256, 512, 1024)  # recent-window lengths measured by default
+from chai_compile.choices import SPAN_SINKS as SINKS
+from chai_compile.choices import SPAN_WINDOWS as WINDOWS
+
+__all__ = ["SINKS", "WINDOWS", "SpanMass", "smallest_span"]
 
 
 class SpanMass:
