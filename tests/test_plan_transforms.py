@@ -184,6 +184,7 @@ def test_shared_only_plan_writes_shared_layers(tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["--kv-target", "0.3", "--transforms", "span", "--context", "1024"], "above the 512 positions"),
+    (["--kv-target", "0.2", "--context", "1024"], "above the 512 positions"),  # CHAI alone checks it too
     (["--kv-target", "0.3", "--transforms", "chai,sliding"], "unknown --transforms name 'sliding'"),
     (["--kv-target", "0.3", "--transforms", "shared", "--context", "512"], "best reachable is 0.0%"),
     (["--kv-target", "0.6", "--transforms", "chai,shared"], "between 0 and 0.5"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import click
 
@@ -11,6 +12,10 @@ from chai_compile.cli_parse import dtype_option
 from chai_compile.errors import ClusteringError, UsageError
 from chai_compile.placement_options import device_map_options, parsed
 from chai_compile.plan.options import PlanOptions, Refit
+
+if TYPE_CHECKING:
+    from chai_compile.fileio import OutputClaim
+    from chai_compile.plan.planner import PlanResult
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "plan.weights.safetensors"
@@ -80,7 +85,7 @@ def plan(model: str, kv_target: float | None, transforms: str, context: int | No
         from chai_compile.loading import load_model
         from chai_compile.plan.combined import plan_transforms
         from chai_compile.plan.planner import plan_model
-        from chai_compile.plan.report import markdown, rounds_plot, transforms_markdown, transforms_plot
+        from chai_compile.plan.report import markdown, rounds_plot
         from chai_compile.plan.weights import write_weights
 
         loaded = load_model(model, dtype=dtype, device=device, **placed)
@@ -94,7 +99,7 @@ def plan(model: str, kv_target: float | None, transforms: str, context: int | No
                 f"reachable is {100 * r['kv_cache_saving']:.1f}% KV saving",
                 fix="lower --kv-target or raise --max-ppl-increase")
         if opts.combined:
-            _write_combined(claim, res, model, out_dir, transforms_markdown, transforms_plot)
+            _write_combined(claim, res, model, out_dir)
             return
         with claim.stage() as stage:
             mapping = res.mapping
@@ -121,17 +126,18 @@ def _transforms(text: str) -> tuple[Transform, ...]:
         raise UsageError(str(e), fix=f"pass a comma list of {', '.join(Transform.values())}") from None
 
 
-def _write_combined(claim, res, model: str, out_dir: str, md, plot) -> None:
+def _write_combined(claim: OutputClaim, res: PlanResult, model: str, out_dir: str) -> None:
     """The combined planner's outputs: plan.json (v3, no weights), plan_report.{json,md}, plan_rounds.png."""
     from chai_compile.fileio import write_json
+    from chai_compile.plan.report import transforms_markdown, transforms_plot
 
     r = res.report
     with claim.stage() as stage:
         res.mapping.write(stage / PLAN_FILE)
         report = {"model": model, "summary": res.mapping.summary(), **r}
         write_json(stage / "plan_report.json", report)
-        (stage / "plan_report.md").write_text(md(report))
-        plot(report, stage / "plan_rounds.png")
+        (stage / "plan_report.md").write_text(transforms_markdown(report))
+        transforms_plot(report, stage / "plan_rounds.png")
     kinds = ", ".join(f"{v} {k}" for k, v in r["layer_kinds"].items() if v)
     click.echo(f"KV cache -{100 * r['kv_cache_saving']:.1f}% at {r['budget']['context']} tokens ({kinds} layers; "
                f"{r['span_kv_heads']} span KV heads); calibration KL {r['stages']['selected']['kl']:.4f}, "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -110,7 +111,7 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
                             {"statistics_s": time.perf_counter() - t0})
 
 
-def plots(stats: LongContextStats, out_dir: Any) -> list[str]:
+def plots(stats: LongContextStats, out_dir: Path) -> list[str]:
     """layer_similarity.png (head-mean heatmap with a colour bar) and span_mass.png (per head, per span)."""
     import matplotlib
 
@@ -124,7 +125,7 @@ def plots(stats: LongContextStats, out_dir: Any) -> list[str]:
     ax.set_ylabel("layer l")
     ax.set_title(f"Layer-to-layer attention similarity ({stats.seq_len}-token windows)")
     fig.tight_layout()
-    fig.savefig(f"{out_dir}/layer_similarity.png", dpi=110)
+    fig.savefig(out_dir / "layer_similarity.png", dpi=110)
     plt.close(fig)
 
     layers, heads = stats.span_mass.shape[:2]
@@ -137,6 +138,6 @@ def plots(stats: LongContextStats, out_dir: Any) -> list[str]:
     ax.set_xlabel(f"query head (layer x {heads} + head)")
     ax.set_title("Attention mass within sinks + recent window, per head")
     fig.tight_layout()
-    fig.savefig(f"{out_dir}/span_mass.png", dpi=110)
+    fig.savefig(out_dir / "span_mass.png", dpi=110)
     plt.close(fig)
     return ["layer_similarity.png", "span_mass.png"]
