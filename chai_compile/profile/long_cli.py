@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from chai_compile.choices import BUILTIN_CALIBRATION, SPAN_SINKS, SPAN_WINDOWS, DType
@@ -66,7 +68,8 @@ def profile_long(model: str, calib: str, samples: int, seq_len: int | None, sink
         doc = stats.to_dict()
         doc["summary"] = stats.summary(threshold)
         with claim.stage() as stage:
-            write_json(stage / STATS_FILE, {"model": model, "calibration": calib, **doc})
+            command = "chai-compile " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["profile-long"] else None
+            write_json(stage / STATS_FILE, {"model": model, "calibration": calib, "command": command, **doc})
             plots(stats, stage)
     s = doc["summary"]
     click.echo(f"{len(ids)} window(s) of {t} tokens; query heads keeping >= {threshold:.0%} of their mass "
