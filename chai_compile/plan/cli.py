@@ -94,10 +94,12 @@ def plan(model: str, kv_target: float | None, transforms: str, context: int | No
         res = plan_transforms(loaded, opts) if opts.combined else plan_model(loaded, opts)
         r = res.report
         if not r["target_met"]:
+            why = (f"within --max-ppl-increase {max_ppl_increase}" if max_ppl_increase is not None
+                   else "(no candidate left)")
             raise ClusteringError(
-                f"--kv-target {kv_target} cannot be met within --max-ppl-increase {max_ppl_increase}: the best "
-                f"reachable is {100 * r['kv_cache_saving']:.1f}% KV saving",
-                fix="lower --kv-target or raise --max-ppl-increase")
+                f"--kv-target {kv_target} cannot be met {why}: the best reachable is "
+                f"{100 * r['kv_cache_saving']:.1f}% KV saving",
+                fix="lower --kv-target" + (" or raise --max-ppl-increase" if max_ppl_increase is not None else ""))
         if opts.combined:
             _write_combined(claim, res, model, out_dir)
             return

@@ -181,7 +181,7 @@ class TransformSelector:
         bar = tqdm(total=round(100 * target), desc="plan: KV saved (%)", disable=not progress)
         while self.saving() < target - 1e-12:
             ranked = []
-            for c in self.candidates():
+            for c in tqdm(self.candidates(), desc="plan: measure candidates", leave=False, disable=not progress):
                 freed = self.tokens(c.layer) - self.tokens(c.layer, self.after(c))
                 if freed <= 0:
                     continue
