@@ -14,6 +14,8 @@ DEFAULT_OPSET = 23
 DEVICES = ("cpu", "cuda", "cuda:N")  # what --device accepts, for messages
 GRAPH_NAME = "model.onnx"  # an export directory's graph
 DATA_NAME = GRAPH_NAME + ".data"  # and its external weights (what torch.onnx's ONNXProgram.save writes)
+SPAN_SINKS = (0, 4, 16)  # attention-sink counts the long-context profile measures by default
+SPAN_WINDOWS = (64, 128, 256, 512, 1024)  # recent-window lengths it measures by default
 
 
 class Choice(StrEnum):
@@ -88,3 +90,12 @@ class DType(Choice):
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DTYPE_SPELLINGS = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what --dtype accepts
+
+
+class Transform(Choice):
+    """What the planner may do to cut the KV cache. CHAI: drop K heads (clustered scores); SPAN: a KV head's
+    cache becomes sinks + a recent window; SHARED: a layer reuses an earlier layer's probabilities (no K)."""
+
+    CHAI = "chai"
+    SPAN = "span"
+    SHARED = "shared"

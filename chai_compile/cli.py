@@ -28,6 +28,7 @@ from chai_compile.errors import ChaiError, Terminated
 # name -> "module:attribute"; the order is the order of `--help`.
 COMMANDS = {
     "profile": "chai_compile.profile.cli:profile",
+    "profile-long": "chai_compile.profile.long_cli:profile_long",
     "plan": "chai_compile.plan.cli:plan",
     "inspect": "chai_compile.profile.inspect_cli:inspect",
     "verify": "chai_compile.verify.cli:verify",

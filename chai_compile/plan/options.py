@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from chai_compile.choices import BUILTIN_CALIBRATION
+from chai_compile.choices import BUILTIN_CALIBRATION, Transform
 from chai_compile.errors import ClusteringError
 
 
@@ -38,14 +38,40 @@ class PlanOptions:
     distill_lr: float = 5e-5
     dense_layers: tuple[int, ...] = ()
     seed: int = 0
+    transforms: tuple[Transform, ...] = (Transform.CHAI,)
+    # Context the KV saving is stated at (span heads save 1 - (s + w) / context); None: the model's positions.
+    context: int | None = None
+    span_mass: float = 0.9  # a span is offered only where every query head of a KV head keeps this much mass
+    min_layer_similarity: float = 0.5  # a shared-layer source is offered only at this head-mean 1 - TV or more
+
+    @property
+    def combined(self) -> bool:
+        """Spans or shared layers asked for: the combined planner (no reconstruction) runs."""
+        return set(self.transforms) != {Transform.CHAI}
 
     def check(self, num_layers: int | None = None) -> None:
         """Budget and sizes (before loading anything); layer indices too once the model's depth is known."""
         if self.kv_target is None and self.max_ppl_increase is None:
             raise ClusteringError("a plan needs a budget", fix="pass --kv-target F or --max-ppl-increase P")
-        if self.kv_target is not None and not 0.0 < self.kv_target < 0.5:
-            raise ClusteringError("--kv-target must be between 0 and 0.5 (V is never dropped)", value=self.kv_target,
+        if not self.transforms or len(set(self.transforms)) != len(self.transforms):
+            raise ClusteringError("--transforms must name each transform once", value=",".join(self.transforms),
+                                  fix=f"pass a comma list of {', '.join(Transform.values())}")
+        # Only spans free V too; K-only transforms stop short of half the cache.
+        upper = 1.0 if Transform.SPAN in self.transforms else 0.5
+        if self.kv_target is not None and not 0.0 < self.kv_target < upper:
+            why = "" if upper == 1.0 else " (V is never dropped without span heads)"
+            raise ClusteringError(f"--kv-target must be between 0 and {upper}{why}", value=self.kv_target,
                                   fix="pass a fraction such as 0.2 for 20% of the KV cache")
+        if self.combined and self.refit != Refit.NONE:
+            raise ClusteringError("--refit is for CHAI-only plans; span and shared plans are not reconstructed yet",
+                                  value=str(self.refit), fix="pass --refit none, or --transforms chai")
+        if self.context is not None and self.context < 1:
+            raise ClusteringError("--context must be at least 1 token", value=self.context,
+                                  fix="pass e.g. --context 4096")
+        for name, v in (("span_mass", self.span_mass), ("min_layer_similarity", self.min_layer_similarity)):
+            if not 0.0 < v <= 1.0:
+                raise ClusteringError(f"--{name.replace('_', '-')} must be in (0, 1]", value=v,
+                                      fix=f"pass e.g. --{name.replace('_', '-')} 0.9")
         if self.max_ppl_increase is not None and not self.max_ppl_increase > 0:
             raise ClusteringError("--max-ppl-increase must be above 0", value=self.max_ppl_increase,
                                   fix="pass a fraction such as 0.05 for at most 5% more perplexity")
@@ -61,10 +87,22 @@ class PlanOptions:
             raise ClusteringError(f"--dense-layers index out of range 0..{num_layers - 1}", value=bad[0],
                                   fix=f"list layers between 0 and {num_layers - 1}")
 
-    def window(self, max_positions: int | None) -> int:
-        """The calibration window length for a model trained on `max_positions` positions (None: unknown)."""
+    def context_for(self, max_positions: int | None) -> int:
+        """The context the saving is stated at; refused above the model's positions."""
+        if self.context is None:
+            if max_positions is None:
+                raise ClusteringError("the model's config does not state its positions", fix="pass --context N")
+            return max_positions
+        if max_positions is not None and self.context > max_positions:
+            raise ClusteringError(f"--context is above the {max_positions} positions the model was trained for",
+                                  value=self.context, fix=f"pass --context {max_positions} or less")
+        return self.context
+
+    def window(self, max_positions: int | None, cap: int | None = None, default: int = 1024) -> int:
+        """The calibration window length for a model trained on `max_positions` positions (None: unknown);
+        by default `default`, or less where the positions or `cap` (the stated context) are fewer."""
         if self.seq_len is None:
-            return min(1024, max_positions or 1024)
+            return min(default, max_positions or default, cap or default)
         if max_positions is not None and self.seq_len > max_positions:
             raise ClusteringError(f"--seq-len is above the {max_positions} positions the model was trained for",
                                   value=self.seq_len, fix=f"pass --seq-len {max_positions} or less")

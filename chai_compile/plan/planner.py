@@ -44,7 +44,9 @@ def plan_model(loaded: LoadedModel, opts: PlanOptions, progress: bool = True) ->
     opts.check(spec.num_layers)
     reset_peaks()
     t0 = time.perf_counter()
-    seq_len = opts.window(max_positions(model.config))
+    positions = max_positions(model.config)
+    # CHAI's saving does not depend on the context; a stated one is checked and caps the window.
+    seq_len = opts.window(positions, cap=opts.context_for(positions) if opts.context is not None else None)
     calib = build_calibration(loaded.tokenizer, opts.calib, max(opts.samples, opts.refit_samples), seq_len, opts.seed)
     windows = calib.input_ids
     scoring = windows[: opts.samples]

@@ -47,3 +47,37 @@ def rounds_plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def transforms_markdown(report: dict[str, Any]) -> str:
+    """The combined planner's report: saving at the context, layer kinds, the greedy rounds."""
+    b, o = report["budget"], report["original"]
+    kinds = ", ".join(f"{v} {k}" for k, v in report["layer_kinds"].items() if v)
+    lines = [f"# chai-compile plan: {report['model']}", "",
+             f"Transforms {', '.join(b['transforms'])}; KV cache -{100 * report['kv_cache_saving']:.1f}% at "
+             f"{b['context']} tokens (target {b['kv_target']}); layers: {kinds}; "
+             f"{report['span_kv_heads']} span KV heads.", "",
+             f"Calibration: {report['calibration']['source']} ({report['calibration']['windows']} windows of "
+             f"{report['calibration']['seq_len']} tokens). Original perplexity {o['ppl']:.3f}.", "",
+             "| round | KV saved | KL (nats/token) | perplexity | accepted |", "|---|---|---|---|---|"]
+    for i, r in enumerate(report["rounds"]):
+        lines.append(f"| {i} | {100 * r['saving']:.1f}% | {r['kl']:.4f} | {r['ppl']:.3f} | {' '.join(r['accepted'])} |")
+    lines += ["", f"Wall time {report['total_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def transforms_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([100 * r["saving"] for r in rounds], [r["kl"] for r in rounds], "o-")
+    ax.set_xlabel(f"KV cache saved at {report['budget']['context']} tokens (%)")
+    ax.set_ylabel("calibration KL (nats/token)")
+    ax.set_title("Greedy rounds: " + ", ".join(report["budget"]["transforms"]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -4,8 +4,12 @@ Head h uses the attention probabilities of head source[h] (itself when source[h]
 the planner switches sources in place to measure what a candidate merge costs, without rebuilding the
 model. Calibration windows are unpadded and uncached, so the mask is plain causal.
 
-    P_h  = softmax(q_h k_{g(h)}^T * scale + causal)
+    P_h  = softmax(q_h k_{g(h)}^T * scale + causal + band_h)
     out_h = P_{source[h]} v_{g(h)};   y = concat_h(out_h) W_o^T + b_o
+
+Two more transforms are simulated for the planner: a span head (band_h masks every key j of query i
+unless j < sinks or i - j < window) and a shared layer (`shared_from` = j: head h uses the probabilities
+that layer j's head h used in the same forward, read from a `ProbStore`, with this layer's own V).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from chai_compile.adapters import ModelAdapter
 from chai_compile.adapters.base import HeadProjections
 from chai_compile.device_map import loaded
+from chai_compile.mapping import Span
 
 # Called with (module, x [B,T,hidden], position_embeddings, probs [B,H,T,T] before sharing, v [B,KV,T,d],
 # head outputs [B,T,H*d], y [B,T,hidden]).
@@ -49,6 +54,9 @@ class SharedScoresAttention(nn.Module):
         self.o_weight: torch.Tensor | None = None
         self.refit_heads: list[int] = []  # representatives whose Q rows q_weight refits
         self.capture: Capture | None = None
+        self.spans: list[Span | None] | None = None  # per query head; None: no span head in this layer
+        self.shared_from: int | None = None  # an earlier layer whose used probabilities this layer takes
+        self.store: ProbStore | None = None
         self.original_forward = adapter.attention_forward()
 
     @property
@@ -69,8 +77,9 @@ class SharedScoresAttention(nn.Module):
         return q_w, q_b, p.v_weight, p.v_bias, o_w, p.o_bias
 
     def probabilities(self, x: torch.Tensor, position_embeddings: Any, q_weight: torch.Tensor | None = None,
-                      q_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probs [B, H, T, T] in fp32 for every head, v [B, KV, T, d]) for inputs x [B, T, hidden]."""
+                      q_bias: torch.Tensor | None = None, band: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probs [B, H, T, T] in fp32 for every head, v [B, KV, T, d]) for inputs x [B, T, hidden];
+        span heads banded unless `band` is False."""
         b, t, _ = x.shape
         q_w, q_b, v_w, v_b, _, _ = self._weights()
         if q_weight is not None:
@@ -80,8 +89,10 @@ class SharedScoresAttention(nn.Module):
         q = self.rotate(q, position_embeddings)
         v = nn.functional.linear(x, v_w, v_b).view(b, t, kv, d).transpose(1, 2)
         scores = torch.matmul(q.float(), self.keys(x, position_embeddings).float().transpose(-1, -2)) * self.scale
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, torch.finfo(torch.float32).min).softmax(-1), v
+        allowed = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        if self.spans is not None and band:
+            allowed = allowed & band_mask(self.spans, t, x.device)  # [H, T, T]
+        return scores.masked_fill(~allowed, torch.finfo(torch.float32).min).softmax(-1), v
 
     def rotate(self, t: torch.Tensor, position_embeddings: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The family's positions applied to t [B, heads, T', d] at `rows` of the window (all when None)."""
@@ -105,7 +116,7 @@ class SharedScoresAttention(nn.Module):
 
     def original_output(self, x: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
         """The original attention's output on x: own probabilities, original Q and W_o."""
-        probs, v = self.probabilities(x, position_embeddings, self.p.q_weight, self.p.q_bias)
+        probs, v = self.probabilities(x, position_embeddings, self.p.q_weight, self.p.q_bias, band=False)
         b, h, t, _ = probs.shape
         out = torch.matmul(probs.to(v.dtype), v.repeat_interleave(self.group, dim=1))
         return nn.functional.linear(out.transpose(1, 2).reshape(b, t, -1), self.p.o_weight, self.p.o_bias)
@@ -114,13 +125,41 @@ class SharedScoresAttention(nn.Module):
         call = self.adapter.call_inputs(args, kwargs)
         x = call.hidden_states
         with self.live():
-            probs, v = self.probabilities(x, call.position_embeddings)
-            heads = self.head_outputs(probs, v)
+            if self.shared_from is not None:
+                assert self.store is not None
+                probs = self.store.probs[self.shared_from]  # already in head order: the source's used maps
+                p = self.p
+                b, t, _ = x.shape
+                v = nn.functional.linear(x, p.v_weight, p.v_bias).view(b, t, self.num_kv_heads, self.head_dim)
+                v = v.transpose(1, 2)
+                out = torch.matmul(probs.to(v.dtype), v.repeat_interleave(self.group, dim=1))
+                heads = out.transpose(1, 2).reshape(b, t, -1)
+            else:
+                probs, v = self.probabilities(x, call.position_embeddings)
+                heads = self.head_outputs(probs, v)
+                if self.store is not None and self.layer in self.store.sources:
+                    self.store.probs[self.layer] = probs.index_select(1, torch.tensor(self.source, device=x.device))
             _, _, _, _, o_w, o_b = self._weights()
             y = nn.functional.linear(heads, o_w, o_b)
             if self.capture is not None:
                 self.capture(self, x, call.position_embeddings, probs, v, heads, y)
         return y, None
+
+
+def band_mask(spans: list[Span | None], t: int, device: torch.device) -> torch.Tensor:
+    """[H, T, T] keys each head may read: all for a full-attention head, else j < sinks or i - j < window."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    full = torch.ones(t, t, dtype=torch.bool, device=device)
+    return torch.stack([full if sp is None else (j < sp.sinks) | (i - j < sp.window) for sp in spans])
+
+
+class ProbStore:
+    """Probabilities of source layers within one forward, for the shared layers after them."""
+
+    def __init__(self) -> None:
+        self.sources: set[int] = set()
+        self.probs: dict[int, torch.Tensor] = {}
 
 
 class Positions:

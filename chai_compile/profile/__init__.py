@@ -3,6 +3,8 @@
 - `calibration`: token windows from text; `capture`: attention features per head; `clustering`: clusters
   and representatives; `measure`: `profile_model` and the budget mappings; `options`: settings and their
   checks (no heavy imports); `report`: predicted savings and plots; `cli`, `inspect_cli`: the commands.
+- Long context (`profile-long`): `long_context` runs the windows, `spans` (mass within sinks + a recent window
+  per head) and `layer_similarity` (1 - TV between layers) accumulate the statistics; `long_cli`: the command.
 """
 
 from __future__ import annotations
