@@ -11,8 +11,8 @@ on top of the plan so far and ranked by KL added per cached token freed:
   `SOURCES_PER_LAYER` most similar earlier layers with head-mean similarity >= `min_similarity`.
 One transform kind per layer: a layer with CHAI drops is not offered spans or sharing and vice versa
 (the plan format gives a layer one kind; CHAI's saving does not depend on the context, a span's does,
-and which wins is left to the measured cost per byte). A shared layer's source may be clustered or
-have spans; the shared layer takes the probabilities the source's heads actually used.
+and which wins is left to the measured cost per byte). A shared layer's source may be clustered (the
+shared layer takes the probabilities the source's heads actually used) but never has spans.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ class TransformSelector:
             dense_k = len(st.kept) == self.kv
             if Transform.CHAI in self.transforms and not st.spans and len(st.kept) >= 2:
                 out += [Candidate(Transform.CHAI, layer, g) for g in sorted(st.kept)]
-            if Transform.SPAN in self.transforms and dense_k:
+            # a shared layer's source must compute every token's probabilities: no spans there (the rewrite
+            # refuses a span source, whose bounded heads score only what they kept)
+            if Transform.SPAN in self.transforms and dense_k and layer not in sources:
                 for g in range(self.kv):
                     heads = list(range(g * self.group, (g + 1) * self.group))
                     sw = None if g in st.spans else smallest_span(
@@ -152,7 +154,7 @@ class TransformSelector:
                         out.append(Candidate(Transform.SPAN, layer, g, span=Span(*sw)))
             if Transform.SHARED in self.transforms and dense_k and not st.spans and layer not in sources:
                 earlier = [j for j in range(layer) if self.states[j].shared_from is None
-                           and float(sim[layer, j]) >= self.min_similarity]
+                           and not self.states[j].spans and float(sim[layer, j]) >= self.min_similarity]
                 earlier.sort(key=lambda j: -float(sim[layer, j]))
                 out += [Candidate(Transform.SHARED, layer, source=j) for j in earlier[:SOURCES_PER_LAYER]]
         return out
