@@ -26,6 +26,7 @@ def test_float64_by_unit_equals_whole_model_in_float64(stories, rewritten):
     if rewritten:  # a CHAI model: heads paired in every layer
         model = apply_mapping(model, _pairs(model))
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    storage = {n: p.data_ptr() for n, p in model.state_dict().items()}
     ids = _ids(stories)
     with torch.no_grad():
         want = copy.deepcopy(model).double()(ids).logits
@@ -35,6 +36,8 @@ def test_float64_by_unit_equals_whole_model_in_float64(stories, rewritten):
     assert torch.equal(got, want)
     after = model.state_dict()
     assert all(after[n].dtype == t.dtype and torch.equal(after[n], t) for n, t in before.items())
+    # the model's own storage comes back (memory-mapped weights stay mapped; no second copy is made)
+    assert all(after[n].data_ptr() == ptr for n, ptr in storage.items())
 
 
 def _pairs(model) -> ClusterMapping:

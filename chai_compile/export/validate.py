@@ -85,20 +85,19 @@ def _owns_weights(module: nn.Module) -> bool:
     return any(t.is_floating_point() for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)])
 
 
-def _cast_tree(module: nn.Module, dtype: torch.dtype) -> None:
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.is_floating_point():
-            t.data = t.data.to(dtype)
+def _weights_of(module: nn.Module) -> list[torch.Tensor]:
+    return [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
 
 
 @contextlib.contextmanager
 def float64_weights(model: nn.Module) -> Iterator[None]:
-    """Run `model` in float64 inside the block, with its weights back in their dtype afterwards.
+    """Run `model` in float64 inside the block, with its own weight storage back afterwards.
 
     A model held in one place is cast one unit at a time while that unit runs (each decoder layer whole,
-    and every other module owning weights: embeddings, norms, the head), so the float64 pass costs one
-    unit's extra memory, not a float64 copy of the model (which would double an export's peak). A model
-    spread over devices by accelerate is cast whole in place (its hooks move the weights themselves).
+    and every other module owning weights: embeddings, norms, the head), and each unit gets its original
+    tensors back, not a cast copy: the float64 pass then costs one unit's memory, and weights loaded
+    memory-mapped stay mapped (a cast back to float32 would allocate a second copy of the model).
+    A model spread over devices by accelerate is cast whole in place (its hooks move the weights).
     """
     dtype = next(model.parameters()).dtype
     if is_dispatched(model):
@@ -111,16 +110,29 @@ def float64_weights(model: nn.Module) -> Iterator[None]:
     layers = list(adapter_for(model).decoder_layers())
     inside = {id(m) for layer in layers for m in layer.modules()}
     units = layers + [m for m in model.modules() if id(m) not in inside and _owns_weights(m)]
-    handles = []
-    for unit in units:
-        handles.append(unit.register_forward_pre_hook(lambda m, args: _cast_tree(m, torch.float64)))
-        handles.append(unit.register_forward_hook(lambda m, args, out: _cast_tree(m, dtype)))
+    saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(tensor) -> (tensor, its own data)
+
+    def to_float64(unit: nn.Module, args: Any) -> None:
+        for t in _weights_of(unit):
+            if id(t) not in saved:  # a tied weight is cast once
+                saved[id(t)] = (t, t.data)
+                t.data = t.data.to(torch.float64)
+
+    def restore(unit: nn.Module, *_: Any) -> None:
+        for t in _weights_of(unit):
+            if id(t) in saved:
+                t.data = saved.pop(id(t))[1]
+
+    handles = [h for unit in units for h in (unit.register_forward_pre_hook(to_float64),
+                                             unit.register_forward_hook(restore))]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        _cast_tree(model, dtype)  # a unit whose forward raised
+        for t, data in saved.values():  # a unit whose forward raised
+            t.data = data
+        saved.clear()
 
 
 def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Reference:
