@@ -14,9 +14,9 @@ from typing import Any
 
 _LAZY = {
     "clustered_decode_reference": "reference", "clustered_prefill_reference": "reference",
-    "HAS_TRITON": "triton_decode", "ClusterPlan": "triton_decode", "DecodeConfig": "triton_decode",
-    "build_plan": "triton_decode", "clustered_decode": "triton_decode", "get_plan": "triton_decode",
-    "plan_for_layout": "triton_decode", "PrefillConfig": "triton_prefill", "clustered_prefill": "triton_prefill",
+    "HAS_TRITON": "triton_decode", "ClusterPlan": "tile_plan", "DecodeConfig": "triton_decode",
+    "build_plan": "tile_plan", "clustered_decode": "triton_decode", "get_plan": "tile_plan",
+    "plan_for_layout": "tile_plan", "PrefillConfig": "triton_prefill", "clustered_prefill": "triton_prefill",
 }
 __all__ = sorted(_LAZY)
 

@@ -1,7 +1,7 @@
 """Fused clustered-attention prefill in Triton: causal flash attention, scores once per tile.
 
 A program owns (query block, tile, sequence), where a tile is one cluster plus up to `tile_width`
-of its distinct V heads (see triton_decode.ClusterPlan). Per key block it computes the cluster's
+of its distinct V heads (see tile_plan.ClusterPlan). Per key block it computes the cluster's
 scores S = q K^T once, runs the online softmax, and does one wide matmul P [BLOCK_M, BLOCK_N] x
 V [BLOCK_N, tile_width * d] whose columns are the tile's V heads side by side, so P.V for every
 member head comes out of a single tensor-core dot.
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from chai_compile.kernels.triton_decode import LOG2E, get_plan, require_triton, tl, triton
+from chai_compile.kernels.tile_plan import get_plan
+from chai_compile.kernels.triton_decode import LOG2E, require_triton, tl, triton
 
 
 @triton.jit
