@@ -190,7 +190,12 @@ class ClusterMapping:
                     value=str(lm.kind))
 
     def summary(self) -> dict[str, Any]:
-        """Head and cache counts: what the mapping removes from the model."""
+        """Head and cache counts: what the mapping removes from the model.
+
+        `kv_cache_saving` counts what holds at every context length (K heads dropped by clusters and
+        shared layers); a span layer's saving depends on the context, so it is left out here and flagged
+        by `span_layers` (`plan.budget.kv_saving` and `verify --kv-context` give it at a stated length).
+        """
         m = self.model
         q_heads = k_heads = 0
         for lm in self.layers:
@@ -204,6 +209,8 @@ class ClusterMapping:
         return {
             "layers": m.num_layers,
             "clustered_layers": sum(lm.kind == LayerKind.CLUSTERED for lm in self.layers),
+            "shared_layers": sum(lm.kind == LayerKind.SHARED for lm in self.layers),
+            "span_layers": sum(lm.kind == LayerKind.SPAN for lm in self.layers),
             "query_heads_total": total_q,
             "score_heads_kept": q_heads,
             "k_heads_total": total_kv,
