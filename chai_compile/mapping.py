@@ -119,6 +119,24 @@ class LayerMapping:
             return sorted({cl.representative // group for cl in self.clusters})
         return [] if self.kind == LayerKind.SHARED else list(range(num_kv_heads))
 
+    def head_tokens(self, num_heads: int, num_kv_heads: int, length: int,
+                    membership: str = Membership.STATIC) -> tuple[int, int]:
+        """(K, V) tokens this layer caches for one sequence of `length` tokens, summed over its KV heads.
+
+        The one place the cache arithmetic lives (the plan's bytes, the planner's budget and verify's
+        check all derive from it). K holds the kept KV heads under static membership (every KV head of a
+        clustered layer under dynamic, whose representatives are chosen per request), none in a shared
+        layer; V holds every KV head. In a span layer a KV head read only by span heads holds
+        min(length, largest sinks + largest window) of K and V (the union of its query heads' spans).
+        """
+        if self.kind == LayerKind.SPAN:
+            group = num_heads // num_kv_heads
+            held = sum(_span_tokens(self.spans[g * group : (g + 1) * group], length) for g in range(num_kv_heads))
+            return held, held
+        dynamic = membership == Membership.DYNAMIC and self.kind == LayerKind.CLUSTERED
+        k = num_kv_heads if dynamic else len(self.kept_k_heads(num_heads, num_kv_heads))
+        return k * length, num_kv_heads * length
+
 
 @dataclass(frozen=True)
 class ClusterMapping:
@@ -137,26 +155,13 @@ class ClusterMapping:
 
     def cache_bytes(self, tokens: int, elem_bytes: int, membership: str = Membership.STATIC, batch: int = 1
                     ) -> list[tuple[int, int]]:
-        """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length).
-
-        K holds the kept KV heads under static membership (every KV head of a clustered layer under
-        dynamic, whose representatives are chosen per request); V always holds every KV head. A shared
-        layer holds no K. In a span layer a KV head read only by span heads holds min(length, sinks +
-        window) tokens per sequence (the union of its query heads' spans), the others every token.
-        """
+        """Predicted (K bytes, V bytes) per layer for `tokens` cached tokens (batch x length); see
+        `LayerMapping.head_tokens`."""
         m = self.model
-        per_token = m.head_dim * elem_bytes
-        out = []
-        for i, lm in enumerate(self.layers):
-            if lm.kind == LayerKind.SPAN:
-                held = sum(_span_tokens(lm.spans[kv * m.group_size : (kv + 1) * m.group_size], tokens, batch)
-                           for kv in range(m.num_kv_heads)) * per_token
-                out.append((held, held))
-                continue
-            k = m.num_kv_heads if membership == Membership.DYNAMIC and lm.kind == LayerKind.CLUSTERED \
-                else len(self.kept_k_heads(i))
-            out.append((k * tokens * per_token, m.num_kv_heads * tokens * per_token))
-        return out
+        per_token = m.head_dim * elem_bytes * batch
+        return [tuple(t * per_token for t in lm.head_tokens(m.num_heads, m.num_kv_heads, tokens // batch,
+                                                              membership))  # type: ignore[misc]
+                for lm in self.layers]
 
     @property
     def origin(self) -> str:
@@ -327,12 +332,11 @@ class ClusterMapping:
         return mapping
 
 
-def _span_tokens(spans: Sequence[Span | None], tokens: int, batch: int) -> int:
-    """Tokens one KV head holds: all of them unless every query head reading it has a span."""
+def _span_tokens(spans: Sequence[Span | None], length: int) -> int:
+    """Tokens one KV head holds for one sequence: all of them unless every query head reading it has a span."""
     if any(sp is None for sp in spans):
-        return tokens
-    bound = max(sp.sinks for sp in spans) + max(sp.window for sp in spans)  # type: ignore[union-attr]
-    return batch * min(tokens // batch, bound)
+        return length
+    return min(length, max(sp.sinks for sp in spans) + max(sp.window for sp in spans))  # type: ignore[union-attr]
 
 
 def _norms_close(a: Iterable[Iterable[float]], b: Iterable[Iterable[float]], rtol: float = 2e-3) -> bool:

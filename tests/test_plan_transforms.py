@@ -15,7 +15,7 @@ from chai_compile.adapters import adapter_for
 from chai_compile.choices import LayerKind
 from chai_compile.cli import main
 from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping, Span
-from chai_compile.plan.budget import kv_cache_bytes, kv_saving
+from chai_compile.plan.budget import kv_saving
 from chai_compile.plan.shared_scores import Positions, planning_modules
 from chai_compile.profile.layer_similarity import LayerSimilarity
 from chai_compile.profile.long_context import long_context_statistics
@@ -139,13 +139,13 @@ def test_kv_arithmetic_counts_gqa_spans_and_sharing(stories):
     plan = ClusterMapping.build(info, layers)
     c, per = 512, 8 * 2  # tokens; head_dim x fp16 bytes
     # span layer: KV head 0 -> 64, head 1 -> full (a null head), heads 2-3 -> max sinks 4 + max window 64
-    assert kv_cache_bytes(plan, c) == [(4 * c * per, 4 * c * per), (0, 4 * c * per),
+    assert plan.cache_bytes(c, 2) == [(4 * c * per, 4 * c * per), (0, 4 * c * per),
                                        ((64 + c + 68 + 68) * per, (64 + c + 68 + 68) * per),
                                        (2 * c * per, 4 * c * per), (4 * c * per, 4 * c * per)]
     native = 2 * 5 * 4 * c
     assert kv_saving(plan, c) == pytest.approx(1 - (8 * c + 4 * c + 2 * (c + 200) + 6 * c + 8 * c) / native)
-    assert kv_cache_bytes(plan.identity(info), c) == [(k, v) for k, v in
-                                                       plan.identity(info).cache_bytes(c, 2)]  # agrees for CHAI
+    # batches multiply every count, the span bound too (it holds per sequence)
+    assert plan.cache_bytes(3 * c, 2, batch=3) == [(3 * k, 3 * v) for k, v in plan.cache_bytes(c, 2)]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from chai_compile.choices import LayerKind, Transform
 from chai_compile.mapping import Cluster, LayerMapping, Span
-from chai_compile.plan.budget import layer_head_tokens
 from chai_compile.plan.select import Scorer, reassign
 from chai_compile.plan.shared_scores import ProbStore, SharedScoresAttention
 from chai_compile.profile.long_context import LongContextStats
@@ -99,7 +98,7 @@ class TransformSelector:
         return LayerMapping(layer, LayerKind.DENSE)
 
     def tokens(self, layer: int, st: LayerState | None = None) -> int:
-        k, v = layer_head_tokens(self.layer_mapping(layer, st), self.h, self.kv, self.context)
+        k, v = self.layer_mapping(layer, st).head_tokens(self.h, self.kv, self.context)
         return k + v
 
     def sync(self, layer: int) -> None:
