@@ -83,13 +83,10 @@ class DType(Choice):
     def parse(cls, value: str, what: str = "dtype") -> DType:
         return super().parse(DTYPE_ALIASES.get(value, value), what)  # type: ignore[return-value]
 
-    @property
-    def short(self) -> str:
-        return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.value]
-
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-DTYPE_SPELLINGS = ("float32", "fp32", "float16", "fp16", "bfloat16", "bf16")  # what --dtype accepts
+# what --dtype accepts: each long spelling, then its short one
+DTYPE_SPELLINGS = tuple(name for short, long in DTYPE_ALIASES.items() for name in (long, short))
 
 
 class Transform(Choice):

@@ -17,7 +17,8 @@ from chai_compile.cli import main
 from chai_compile.errors import MappingError, TaskError
 from chai_compile.fingerprint import model_info
 from chai_compile.mapping import ClusterMapping, UnsupportedLayerKindError
-from chai_compile.verify.baselines import streaming_plan, streaming_saving, streaming_window
+from chai_compile.plan.budget import kv_saving
+from chai_compile.verify.baselines import streaming_plan, streaming_window
 from chai_compile.verify.long_context import kv_at_contexts
 from chai_compile.verify.passkey import (
     FILLER,
@@ -147,8 +148,8 @@ def test_kv_bytes_at_stated_contexts(stories):
 def test_streaming_plan_and_window_arithmetic(stories, tmp_path):
     info = model_info(adapter_for(stories.model))
     w = streaming_window(512, 0.4, 4)
-    assert w == 303 and abs(streaming_saving(512, 4, w) - 0.4) < 0.002 and streaming_saving(256, 4, w) == 0.0
     plan = streaming_plan(info, 4, w)
+    assert w == 303 and abs(kv_saving(plan, 512) - 0.4) < 0.002 and kv_saving(plan, 256) == 0.0
     assert plan.schema_version == 3 and all(lm.kind == LayerKind.SPAN for lm in plan.layers)
     assert all(sp.sinks == 4 and sp.window == w for lm in plan.layers for sp in lm.spans)
     assert ClusterMapping.read(plan.write(tmp_path / "s.json")) == plan

@@ -30,7 +30,3 @@ def streaming_window(context: int, saving: float, sinks: int) -> int:
                            value=saving, fix="ask for a smaller saving, a longer context or fewer sinks")
     return window
 
-
-def streaming_saving(context: int, sinks: int, window: int) -> float:
-    """The KV saving (fraction) of a streaming plan at `context` tokens (none while the context fits)."""
-    return max(0.0, 1.0 - (sinks + window) / context)
