@@ -26,34 +26,38 @@ import numpy as np
 from bench_export import run_export  # sibling script: one way to time an export
 
 
-def llama7b_stack(layers: int, work: Path, dtype: str) -> list[Path]:
-    """Export a random LLaMA-7B-shaped stack, original and CHAI (8 clusters of 4 heads in every layer)."""
+def llama7b_stack(layers: int, work: Path, dtype: str,
+                  graphs: tuple[tuple[str, str, str], ...] = (("original", "portable", "concat"),
+                                                              ("chai", "portable", "concat"))) -> list[Path]:
+    """Export a random LLaMA-7B-shaped stack, once per (name, attention form, kv cache) in `graphs`: "original"
+    unmapped, the others with 8 clusters of 4 heads in every layer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from chai_compile.adapters import adapter_for
+    from chai_compile.choices import LayerKind
     from chai_compile.export import onnx_export
     from chai_compile.fingerprint import model_info
     from chai_compile.mapping import Cluster, ClusterMapping, LayerMapping
     from chai_compile.rewrite import apply_mapping
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=16384)
     dirs = []
-    for name in ("original", "chai"):
+    for name, attention, kv_cache in graphs:
+        torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).eval()
-        if name == "chai":
+        if name != "original":
             info = model_info(adapter_for(model))
             # Clusters of 4 neighbouring heads, first head represents: shapes matter here, not weights.
-            clustered = [LayerMapping(i, "clustered", tuple(Cluster(tuple(range(c, c + 4)), c) for c in
-                                                             range(0, 32, 4))) for i in range(layers)]
+            clustered = [LayerMapping(i, LayerKind.CLUSTERED, tuple(Cluster(tuple(range(c, c + 4)), c)
+                                                                     for c in range(0, 32, 4))) for i in range(layers)]
             apply_mapping(model, ClusterMapping.build(info, clustered, {"kind": "bench-llama7b"}))
         if dtype == "fp16":
             model.half()
         out = work / name
         out.mkdir(parents=True, exist_ok=True)
-        onnx_export.export_decoder(model, out, attention="portable", in_place=True)
+        onnx_export.export_decoder(model, out, attention=attention, kv_cache=kv_cache, in_place=True)
         dirs.append(out)
         del model
     return dirs

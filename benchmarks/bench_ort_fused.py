@@ -3,6 +3,9 @@
     # export the three graphs (each in its own process), then time them
     python benchmarks/bench_ort_fused.py --export smollm2-135m --mapping docs/results/smollm2/mapping_default.json \\
         --work /tmp/bench_fused --out docs/results/onnx/ort_cpu_smollm2_fused.json
+    # a LLaMA-7B-shaped stack (random weights; 8 clusters of 4 heads per layer), fp16 on the CUDA provider
+    python benchmarks/bench_ort_fused.py --llama7b-layers 4 --dtype fp16 --provider cuda --batch 1,8,32 \
+        --past 512,2048,8192 --work /tmp/b7 --out r.json
     # or time existing exports: ORIGINAL_DIR PORTABLE_DIR FUSED_DIR
     python benchmarks/bench_ort_fused.py /tmp/b/original /tmp/b/portable /tmp/b/fused --out r.json
 
@@ -22,10 +25,11 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from bench_export import run_export  # sibling scripts
-from bench_ort_decode import decode_times
+from bench_ort_decode import decode_times, llama7b_stack
 
 GRAPHS = (("original", "portable", "concat"), ("portable", "portable", "concat"), ("fused", "fused", "inplace"))
 
@@ -35,6 +39,8 @@ def main() -> None:
     ap.add_argument("dirs", nargs="*", type=Path, help="ORIGINAL_DIR PORTABLE_DIR FUSED_DIR")
     ap.add_argument("--export", default=None, help="model to export first (e.g. smollm2-135m)")
     ap.add_argument("--mapping", default=None)
+    ap.add_argument("--llama7b-layers", type=int, default=0, help="export a LLaMA-7B-shaped stack of N layers")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_fused"))
     ap.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--past", default="512,2048")
@@ -49,7 +55,8 @@ def main() -> None:
 
     lib = ort_ops.require_library()  # before minutes of export: one line with the build command
     result: dict = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "onnxruntime": ort.__version__, "provider": args.provider, "threads": args.threads,
+                    "onnxruntime": ort.__version__, "provider": args.provider, "dtype": args.dtype,
+                    "threads": args.threads,
                     "op_library": str(lib), "op_library_api_version": ort_ops.api_version(lib),
                     "command": " ".join(sys.argv)}
     if args.export:
@@ -57,9 +64,14 @@ def main() -> None:
         args.dirs = [args.work / name for name, _, _ in GRAPHS]
         for (name, attention, kv), out in zip(GRAPHS, args.dirs, strict=True):
             mapping = None if name == "original" else args.mapping
-            result[f"export_{name}"] = run_export(args.export, mapping, out, attention, "fp32", kv_cache=kv)
+            result[f"export_{name}"] = run_export(args.export, mapping, out, attention, args.dtype, kv_cache=kv)
+    elif args.llama7b_layers:
+        t0 = time.perf_counter()
+        args.dirs = llama7b_stack(args.llama7b_layers, args.work, args.dtype, GRAPHS)
+        result["llama7b_stack"] = {"layers": args.llama7b_layers, "export_s": round(time.perf_counter() - t0, 1),
+                                   "clusters_per_layer": 8, "heads": 32, "head_dim": 128}
     if len(args.dirs) != len(GRAPHS):
-        raise SystemExit("pass ORIGINAL_DIR PORTABLE_DIR FUSED_DIR, or --export MODEL --mapping M")
+        raise SystemExit("pass ORIGINAL_DIR PORTABLE_DIR FUSED_DIR, --export MODEL --mapping M, or --llama7b-layers N")
     result["graphs"] = {name: str(d) for (name, _, _), d in zip(GRAPHS, args.dirs, strict=True)}
     rows = []
     for batch in [int(b) for b in args.batch.split(",")]:

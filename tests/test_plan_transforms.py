@@ -169,6 +169,22 @@ def test_combined_plan_meets_the_target_at_the_context(combined):
         if lm.kind == LayerKind.SPAN:
             assert all(sp is None or sp.sinks + sp.window < 256 for sp in lm.spans)
     assert (combined / "plan_rounds.png").stat().st_size > 0 and "span" in (combined / "plan_report.md").read_text()
+    # span heads are scored on passage-repeat windows too (the default with spans): 2 of them beside the text
+    cal = report["calibration"]
+    assert cal["recall_windows"] == 2 and cal["scoring_windows"] == 2 + 2 and len(cal["recall_tokens_sha256"]) == 64
+
+
+def test_recall_windows_repeat_a_calibration_passage(stories):
+    from chai_compile.profile.calibration import build_calibration, build_recall
+
+    tok = stories.tokenizer
+    rec = build_recall(tok, "builtin", samples=3, seq_len=101, seed=1)
+    half = build_calibration(tok, "builtin", 3, 51, 1).input_ids  # the passages: 50 tokens after BOS
+    assert rec.input_ids.shape == (3, 101)
+    skip = 1 if tok.bos_token_id is not None else 0
+    assert torch.equal(rec.input_ids[:, :51], half)
+    assert torch.equal(rec.input_ids[:, 51:], half[:, skip:skip + 50])  # the repeat, no second BOS
+    assert rec.sha256 != build_recall(tok, "builtin", samples=3, seq_len=101, seed=2).sha256
 
 
 def test_shared_only_plan_writes_shared_layers(tmp_path):
@@ -189,6 +205,8 @@ def test_shared_only_plan_writes_shared_layers(tmp_path):
     (["--kv-target", "0.3", "--transforms", "shared", "--context", "512"], "best reachable is 0.0%"),
     (["--kv-target", "0.6", "--transforms", "chai,shared"], "between 0 and 0.5"),
     (["--kv-target", "0.3", "--transforms", "span", "--refit", "all"], "--refit is for CHAI-only plans"),
+    (["--kv-target", "0.2", "--recall-samples", "2"], "--recall-samples is for plans with spans"),
+    (["--kv-target", "0.3", "--transforms", "span", "--recall-samples", "-1"], "--recall-samples must be 0 or more"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     out = tmp_path / "p"

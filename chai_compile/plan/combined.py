@@ -12,6 +12,8 @@ import enum
 import time
 from typing import Any
 
+import torch
+
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
 from chai_compile.choices import LayerKind
@@ -25,7 +27,7 @@ from chai_compile.plan.planner import PlanResult
 from chai_compile.plan.select import Scorer, head_errors
 from chai_compile.plan.shared_scores import planning_modules
 from chai_compile.plan.transforms import TransformSelector
-from chai_compile.profile.calibration import build_calibration
+from chai_compile.profile.calibration import build_calibration, build_recall
 from chai_compile.profile.long_context import LONG_SEQ_LEN, long_context_statistics
 from chai_compile.profile.options import max_positions
 from chai_compile.profile.spans import SINKS, WINDOWS
@@ -43,6 +45,10 @@ def plan_transforms(loaded: LoadedModel, opts: PlanOptions, progress: bool = Tru
     seq_len = opts.window(positions, cap=context, default=LONG_SEQ_LEN)  # spans need long windows
     calib = build_calibration(loaded.tokenizer, opts.calib, opts.samples, seq_len, opts.seed)
     scoring = calib.input_ids
+    recall = None
+    if opts.recall_windows:
+        recall = build_recall(loaded.tokenizer, opts.calib, opts.recall_windows, seq_len, opts.seed + 1)
+        scoring = torch.cat([scoring, recall.input_ids])
     windows = tuple(w for w in WINDOWS if w < seq_len)
     stats = long_context_statistics(adapter, scoring, sinks=SINKS, windows=windows or (seq_len // 2,),
                                     progress=progress)
@@ -78,7 +84,9 @@ def plan_transforms(loaded: LoadedModel, opts: PlanOptions, progress: bool = Tru
                                                                           (g + 1) * spec.group_size]))
                              for lm in mapping.layers if lm.kind == LayerKind.SPAN),
         "calibration": {"source": calib.source, "tokens_sha256": calib.sha256, "windows": len(scoring),
-                        "scoring_windows": len(scoring), "seq_len": seq_len},
+                        "scoring_windows": len(scoring), "seq_len": seq_len,
+                        "recall_windows": 0 if recall is None else len(recall.input_ids),
+                        "recall_tokens_sha256": None if recall is None else recall.sha256},
         "statistics": stats.summary(opts.span_mass),
         "original": {"kl": base_kl, "ppl": base_ppl},
         "rounds": [dataclasses.asdict(s) for s in steps],

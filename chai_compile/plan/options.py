@@ -43,11 +43,20 @@ class PlanOptions:
     context: int | None = None
     span_mass: float = 0.9  # a span is offered only where every query head of a KV head keeps this much mass
     min_layer_similarity: float = 0.5  # a shared-layer source is offered only at this head-mean 1 - TV or more
+    # Scoring windows whose second half repeats the first (combined planner): they make far-reaching heads
+    # costly to bound. None: 2 when spans are planned, else 0.
+    recall_samples: int | None = None
 
     @property
     def combined(self) -> bool:
         """Spans or shared layers asked for: the combined planner (no reconstruction) runs."""
         return set(self.transforms) != {Transform.CHAI}
+
+    @property
+    def recall_windows(self) -> int:
+        if self.recall_samples is not None:
+            return self.recall_samples
+        return 2 if Transform.SPAN in self.transforms else 0
 
     def check(self, num_layers: int | None = None) -> None:
         """Budget and sizes (before loading anything); layer indices too once the model's depth is known."""
@@ -65,6 +74,13 @@ class PlanOptions:
         if self.combined and self.refit != Refit.NONE:
             raise ClusteringError("--refit is for CHAI-only plans; span and shared plans are not reconstructed yet",
                                   value=str(self.refit), fix="pass --refit none, or --transforms chai")
+        if self.recall_samples is not None and self.recall_samples < 0:
+            raise ClusteringError("--recall-samples must be 0 or more", value=self.recall_samples,
+                                  fix="pass e.g. --recall-samples 2")
+        if self.recall_samples and not self.combined:
+            raise ClusteringError("--recall-samples is for plans with spans or shared layers",
+                                  value=self.recall_samples,
+                                  fix="add --transforms chai,span,shared, or drop --recall-samples")
         if self.context is not None and self.context < 1:
             raise ClusteringError("--context must be at least 1 token", value=self.context,
                                   fix="pass e.g. --context 4096")

@@ -117,3 +117,19 @@ def build_calibration(
     ids = torch.tensor(rows, dtype=torch.long)
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     return CalibrationSet(input_ids=ids, source=desc, sha256=digest)
+
+
+def build_recall(tokenizer, source: str | Path | Sequence[str] = BUILTIN, samples: int = 2, seq_len: int = 2048,
+                 seed: int = 1, text_field: str = "text") -> CalibrationSet:
+    """Windows of `seq_len` tokens whose second half repeats the first: a passage, then the same passage again.
+
+    Predicting the repeat means copying from about seq_len / 2 tokens back, so a head that retrieves from
+    far away (what passkey and long-document questions need) shows up in the KL when it is cut to a short
+    span; on running text alone such heads cost almost nothing and a span planner would bound them. The
+    passages come from the calibration source, never from an evaluation set.
+    """
+    half = build_calibration(tokenizer, source, samples, seq_len // 2 + 1, seed, text_field=text_field)
+    start = 1 if tokenizer.bos_token_id is not None else 0  # the repeat carries no second BOS
+    ids = torch.cat([half.input_ids, half.input_ids[:, start:]], dim=1)[:, :seq_len]
+    digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
+    return CalibrationSet(input_ids=ids, source=f"{half.source} (passage repeated)", sha256=digest)

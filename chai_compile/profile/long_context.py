@@ -78,7 +78,8 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
         def hook(module, args, kwargs):
             with loaded(module):  # offloaded weights: load them for the recomputation
                 q, k = adapter.queries_keys(layer, adapter.call_inputs(args, kwargs))
-            qk[layer] = (q[0].float().cpu(), k[0].float().repeat_interleave(spec.group_size, dim=0).cpu())
+            # kept where the layer ran (the GPU for a GPU model): the T x T rows below are the profile's cost
+            qk[layer] = (q[0].float(), k[0].float().repeat_interleave(spec.group_size, dim=0))
         return hook
 
     handles = [adapter.attention(i).register_forward_pre_hook(make_hook(i), with_kwargs=True)
@@ -91,11 +92,12 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
         for w in range(n):
             adapter.model(input_ids=input_ids[w : w + 1].to(device), use_cache=False)
             for r0 in chunks:
-                rows = torch.arange(r0, min(r0 + chunk, t))
-                causal = torch.arange(t)[None, :] <= rows[:, None]
+                at = qk[0][0].device
+                rows = torch.arange(r0, min(r0 + chunk, t), device=at)
+                causal = torch.arange(t, device=at)[None, :] <= rows[:, None]
                 maps = []
                 for layer in range(spec.num_layers):
-                    q, k = qk[layer]
+                    q, k = (x.to(at) for x in qk[layer])
                     s = torch.matmul(q[:, rows], k.transpose(-1, -2)) * scale  # [H, c, T]
                     p = s.masked_fill(~causal, float("-inf")).softmax(-1)
                     mass.add(layer, p, r0)
