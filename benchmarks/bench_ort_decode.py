@@ -57,7 +57,8 @@ def llama7b_stack(layers: int, work: Path, dtype: str,
             model.half()
         out = work / name
         out.mkdir(parents=True, exist_ok=True)
-        onnx_export.export_decoder(model, out, attention=attention, kv_cache=kv_cache, in_place=True)
+        onnx_export.export_decoder(model, out, attention=attention, kv_cache=kv_cache, in_place=True,
+                                   metadata={"chai.kv_cache": kv_cache})  # the runner drives in-place graphs by it
         dirs.append(out)
         del model
     return dirs
