@@ -21,11 +21,21 @@ CALIB=$EVAL/wikitext2/valid.txt
 TASKS=piqa,hellaswag,arc_easy,boolq,copa,openbookqa,lambada,wikitext2,wikitext2-4k,passkey
 cc() { python3 -m chai_compile "$@"; }
 
-plan4k() {  # name, then plan flags
+plan4k() {  # name, then plan flags; a --kv-target above the best reachable is retried just below that bound
   local name=$1; shift
-  cc plan smollm2-135m --context 4096 --seq-len 4096 --samples 4 --batch-size 2 --per-round 16 --calib "$CALIB" \
-    --device cuda --out "$J/p/$name" --overwrite "$@" >"$J/plan-$name.log" 2>&1
-  echo "plan $name exit $?" >>"$J/done"
+  local flags=(plan smollm2-135m --context 4096 --seq-len 4096 --samples 4 --batch-size 2 --per-round 16
+               --calib "$CALIB" --device cuda --out "$J/p/$name" --overwrite)
+  cc "${flags[@]}" "$@" >"$J/plan-$name.log" 2>&1
+  local code=$? best
+  best=$(grep -o 'the best reachable is [0-9.]*%' "$J/plan-$name.log" | grep -o '[0-9.]*' | tail -1)
+  if [ $code -ne 0 ] && [ -n "$best" ]; then
+    local target args=()
+    target=$(python3 -c "print(round(($best - 0.5) / 100, 3))")
+    while [ $# -gt 0 ]; do if [ "$1" = --kv-target ]; then shift 2; else args+=("$1"); shift; fi; done
+    cc "${flags[@]}" --kv-target "$target" "${args[@]}" >>"$J/plan-$name.log" 2>&1
+    code=$?
+  fi
+  echo "plan $name exit $code" >>"$J/done"
 }
 
 sweep() {  # name, then plan directories or files

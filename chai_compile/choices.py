@@ -15,7 +15,7 @@ DEVICES = ("cpu", "cuda", "cuda:N")  # what --device accepts, for messages
 GRAPH_NAME = "model.onnx"  # an export directory's graph
 DATA_NAME = GRAPH_NAME + ".data"  # and its external weights (what torch.onnx's ONNXProgram.save writes)
 SPAN_SINKS = (0, 4, 16)  # attention-sink counts the long-context profile measures by default
-SPAN_WINDOWS = (64, 128, 256, 512, 1024)  # recent-window lengths it measures by default
+SPAN_WINDOWS = (64, 128, 256, 512, 1024, 2048)  # recent-window lengths it measures (those that fit a window)
 
 
 class Choice(StrEnum):
