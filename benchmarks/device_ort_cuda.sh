@@ -12,7 +12,7 @@ export CHAI_ORT_OPS=/root/ortbuild/libchai_ort_ops.so
 W=/root/w
 case "${1:-}" in
   build)
-    cmake -S plugins/onnxruntime -B /root/ortbuild -DCHAI_ORT_CUDA=ON -DCMAKE_BUILD_TYPE=Release >/root/ortbuild.log 2>&1 \
+    cmake -S plugins/onnxruntime -B /root/ortbuild -DCHAI_ORT_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=Release >/root/ortbuild.log 2>&1 \
       && cmake --build /root/ortbuild -j >>/root/ortbuild.log 2>&1 || { tail -20 /root/ortbuild.log; exit 1; }
     nm -D "$CHAI_ORT_OPS" | grep -E "RegisterCustomOps|chaiClusteredAttentionEnqueue"
     python3 -m pytest -q -p no:cacheprovider tests/test_ort_ops.py 2>&1 | tail -3 ;;
