@@ -276,9 +276,13 @@ def run_harness(
 def make_case(
     *, b: int, h: int, offsets: list[int], hk: int, hv: int, d: int, s: int, p: int,
     dtype: torch.dtype, mask_dtype: torch.dtype = torch.int32, pad: bool = True, seed: int = 0,
+    k_index: list[int] | None = None, v_index: list[int] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:  # fmt: skip
+    """k_index/v_index replace _layer's tables (e.g. clusters whose members read V heads of other groups)."""
     gen = torch.Generator().manual_seed(seed)
     attrs = _layer(h, offsets, hk, hv, d)
+    attrs["k_head_index"] = k_index or attrs["k_head_index"]
+    attrs["v_head_index"] = v_index or attrs["v_head_index"]
     c = len(offsets) - 1
 
     def rnd(*shape: int) -> torch.Tensor:
@@ -317,6 +321,16 @@ SHAPES = {
     "mha-prefill": dict(b=2, h=6, offsets=[0, 1, 4, 6], hk=3, hv=6, d=64, s=37, p=0),
     "gqa-prefill-past": dict(b=2, h=8, offsets=[0, 4, 8], hk=1, hv=4, d=80, s=19, p=50),
     "one-head-per-cluster": dict(b=1, h=4, offsets=[0, 1, 2, 3, 4], hk=4, hv=4, d=32, s=5, p=7),
+    # GQA clusters crossing KV groups: members read V heads of other groups, some twice in one cluster
+    # (one shared accumulation written to both heads), and the K head is not the members' own.
+    "cross-group-decode": dict(b=2, h=8, offsets=[0, 3, 8], hk=2, hv=4, d=128, s=1, p=700,
+                               k_index=[1, 0], v_index=[0, 2, 0, 1, 3, 1, 2, 0]),
+    # SmolLM2-135M-like: 9 query heads, 3 KV heads, d=64; clusters span KV groups.
+    "smollm2-decode": dict(b=2, h=9, offsets=[0, 2, 5, 9], hk=3, hv=3, d=64, s=1, p=900, k_index=[0, 1, 2]),
+    # A few new tokens after a long past: the split path with S > 1 and per-row causal ends.
+    "small-s-decode": dict(b=1, h=8, offsets=[0, 4, 8], hk=2, hv=8, d=128, s=3, p=3000),
+    # d not a multiple of the 16-byte vector: the scalar-load path.
+    "scalar-path-decode": dict(b=2, h=6, offsets=[0, 2, 6], hk=2, hv=3, d=36, s=1, p=200),
 }
 
 
@@ -328,6 +342,7 @@ def test_kernel_matches_reference(harness: ctypes.CDLL, shape: str, dtype: torch
     if shape == "one-head-per-cluster":
         attrs["k_head_index"] = list(range(4))
     check_against_reference(harness, attrs, tensors)
+    check_against_reference(harness, attrs, tensors, num_splits=1)  # the unsplit path on the same case
 
 
 @cuda_only
@@ -354,10 +369,18 @@ def test_int64_mask_and_fully_masked_row(harness: ctypes.CDLL) -> None:
 
 
 @cuda_only
-def test_large_single_cluster_uses_opt_in_shared_memory(harness: ctypes.CDLL) -> None:
-    """One cluster of 128 heads x d=128: 66 KB of accumulators per block (> 48 KB default)."""
+def test_large_single_cluster_shares_v_heads(harness: ctypes.CDLL) -> None:
+    """One cluster of 128 heads over 8 V heads: 8 accumulations, each written to its 16 heads."""
     attrs, tensors = make_case(b=1, h=128, offsets=[0, 128], hk=1, hv=8, d=128, s=1, p=129, dtype=torch.bfloat16)
     check_against_reference(harness, attrs, tensors)
+
+
+@cuda_only
+@pytest.mark.parametrize("splits", [0, 1, 5])
+def test_cluster_wider_than_one_block(harness: ctypes.CDLL, splits: int) -> None:
+    """40 distinct V heads in one cluster at d=128: more than one block holds (16), so V-head chunks."""
+    attrs, tensors = make_case(b=2, h=40, offsets=[0, 40], hk=1, hv=40, d=128, s=1, p=500, dtype=torch.float16)
+    check_against_reference(harness, attrs, tensors, num_splits=splits)
 
 
 @cuda_only
@@ -369,12 +392,15 @@ def test_invalid_tables_are_refused(harness: ctypes.CDLL) -> None:
 
 
 @cuda_only
-@pytest.mark.parametrize("shape", ["mha-decode", "gqa-decode", "gqa-prefill-past"])
-def test_in_place_contract_writes_only_new_rows(harness: ctypes.CDLL, shape: str) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "shape", ["mha-decode", "gqa-decode", "gqa-prefill-past", "cross-group-decode", "smollm2-decode", "small-s-decode"]
+)
+def test_in_place_contract_writes_only_new_rows(harness: ctypes.CDLL, shape: str, dtype: torch.dtype) -> None:
     """past_present_share_buffer: present is the past buffer; rows beyond past + new (NaN here) stay untouched
     and unread, the new rows land at P, and the output matches the float64 reference."""
     cfg = SHAPES[shape]
-    attrs, tensors = make_case(**cfg, dtype=torch.float16, seed=4)
+    attrs, tensors = make_case(**cfg, dtype=dtype, seed=4)
     attrs = {**attrs, "past_present_share_buffer": 1}
     for name in ("past_key", "past_value"):
         t = tensors[name]

@@ -243,7 +243,7 @@ OrtStatus* computeCuda(Kernel const& k, OrtKernelContext* ctx, ChaiClusteredAtte
         gApi->ReleaseAllocator(alloc);
     }
     if (rc == CHAI_ERR_UNSUPPORTED)
-        return fail(k.node, "head_dim x largest cluster needs more shared memory than this GPU has");
+        return fail(k.node, "batch x clusters x new tokens exceeds the CUDA grid (2^31 blocks)");
     if (rc == CHAI_ERR_CUDA)
         return fail(k.node, std::string("CUDA error: ") + cudaGetErrorString(cudaGetLastError()));
     return rc == CHAI_OK ? nullptr : fail(k.node, "CUDA kernel rejected the call (code " + std::to_string(rc) + ")");

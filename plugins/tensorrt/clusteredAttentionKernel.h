@@ -62,7 +62,7 @@ enum ChaiStatus
 {
     CHAI_OK = 0,
     CHAI_ERR_INVALID_ARGUMENT = 1, // shapes, tables or dtypes are inconsistent
-    CHAI_ERR_UNSUPPORTED = 2,      // e.g. head_dim * cluster size needs more shared memory than the device has
+    CHAI_ERR_UNSUPPORTED = 2,      // batch * clusters * new tokens exceeds the CUDA grid
     CHAI_ERR_CUDA = 3,             // a CUDA launch or copy failed (cudaGetLastError has the detail)
 };
 
