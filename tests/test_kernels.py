@@ -231,9 +231,9 @@ def test_decode_kernel(case, dtype) -> None:
     configs = [
         None,
         DecodeConfig(tile_width=1, block_n=16, min_split=16),
-        DecodeConfig(tile_width=8, block_n=64),
-        DecodeConfig(tile_width=4, block_n=32, use_dot=True),  # tensor-core kernel on a wide tile
-        DecodeConfig(tile_width=2, use_dot=False),  # FMA kernel where the default picks the dot one
+        DecodeConfig(tile_width=8, block_n=64, two_phase=False),  # FMA tiles
+        DecodeConfig(tile_width=4, block_n=32, use_dot=True, two_phase=False),  # tensor-core kernel on a wide tile
+        DecodeConfig(tile_width=2, use_dot=False, two_phase=False),  # FMA kernel where the default picks the dot one
         DecodeConfig(two_phase=True, block_n=16, min_split=16),  # scores + P.V kernels on every layout
         DecodeConfig(two_phase=False),  # single-pass tiles where the default picks two phases
     ]

@@ -8,7 +8,11 @@ head). Heads of one cluster that share a V head (GQA) share one accumulator ("sl
 reduction kernel writes that slot to each of them. A second kernel merges the splits.
 
 Programs of the same (sequence, split) are launched next to each other so that tiles reading the
-same K or V rows (a cluster cut into several tiles, or V heads shared across clusters) meet in L2.
+same K or V rows (a cluster cut into several tiles) meet in L2.
+
+Where tiles would read a V head once per cluster (GQA clusters that cut across KV groups), and on
+wide tiles of long caches, two kernels replace the split kernel instead: scores per K head, then P.V
+per V head, so every K and V row is read once (see _scores_kernel).
 
 Triton is imported lazily: without it this module still imports, and the entry points raise.
 """
@@ -414,13 +418,21 @@ class DecodeConfig:
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int | None = None
-    min_split: int = 64  # keys per split at least: partial results stay a few % of the traffic
+    # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
+    # tiles, 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral elsewhere).
+    min_split: int | None = None
     waves: float = 8.0  # aim for this many programs per SM before splitting stops
     # Tensor-core variant (_decode_split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
     use_dot: bool | None = None
-    # Two-phase kernels (_scores_kernel, _pv_kernel); None: on when a V head is read by several clusters.
+    # Two-phase kernels (_scores_kernel, _pv_kernel); None: on when a V head is read by several clusters
+    # (the tiles would read it once per cluster: 0.44-0.75x of dense SDPA on H200) and on tiles wider
+    # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
+    # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
     two_phase: bool | None = None
+
+
+TWO_PHASE_MIN_KEYS = 16384
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -501,7 +513,11 @@ def clustered_decode(
         span = span.to(torch.int32)
     num_heads = plan.num_heads
     width = plan.tile_width
-    two_phase = (plan.shared_v or width > 2) if cfg.two_phase is None else cfg.two_phase
+    t_len = max_length or t_max
+    two_phase = cfg.two_phase
+    if two_phase is None:
+        two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
+    min_split = cfg.min_split or (256 if two_phase else 64)
     # Two-phase programs hold one V head (one K head) like a width-1 tile.
     block_n, stages = _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
     block_n = cfg.block_n or block_n
@@ -509,9 +525,7 @@ def clustered_decode(
 
     dev = q.device
     programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
-    n_split, split_len = num_splits_for(
-        batch, programs, max_length or t_max, block_n, cfg.min_split, cfg.waves, _sm_count(dev)
-    )
+    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, cfg.waves, _sm_count(dev))
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
@@ -529,7 +543,7 @@ def clustered_decode(
         # Phase 1 runs on fewer heads (the kept K heads): its own, finer split keeps the GPU busy. The
         # scores are indexed by key, so the two phases need not agree on the split.
         k_split, k_split_len = num_splits_for(
-            batch, plan.k_groups.shape[0], max_length or t_max, block_n, cfg.min_split, cfg.waves, _sm_count(dev)
+            batch, plan.k_groups.shape[0], t_len, block_n, min_split, cfg.waves, _sm_count(dev)
         )
         _scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
             q, k_cache, lengths, span_arg, plan.k_groups, scores,
