@@ -12,9 +12,9 @@ same K or V rows (a cluster cut into several tiles) meet in L2.
 
 Where tiles would read a V head once per cluster (GQA clusters that cut across KV groups), and on
 wide tiles of long caches, two kernels replace the split kernel instead: scores per K head, then P.V
-per V head, so every K and V row is read once (see _scores_kernel).
+per V head, so every K and V row is read once (triton_two_phase.py).
 
-Triton is imported lazily: without it this module still imports, and the entry points raise.
+Without Triton this module still imports (kernels/_triton.py), and the entry point raises.
 """
 
 from __future__ import annotations
@@ -24,33 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from chai_compile.kernels._triton import LOG2E, require_triton, tl, triton
 from chai_compile.kernels.tile_plan import GROUP_ROWS, get_plan
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: kernels are defined but never launched.
-    HAS_TRITON = False
-
-    class _NoTriton:
-        constexpr = int
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()  # type: ignore[assignment]
-
-
-LOG2E = 1.4426950408889634
-
-
-def require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("chai_compile.kernels needs triton (pip install triton) and a CUDA GPU")
-
+from chai_compile.kernels.triton_two_phase import pv_kernel, scores_kernel
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -230,140 +206,6 @@ def _decode_split_dot_kernel(
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part_m, tl.zeros([M], tl.float32) + l_row, mask=m_valid)
 
 
-# Two-phase decode: every K row and every V row is read exactly once, however the clusters cut across KV
-# groups. Phase 1 (one program per K head, split, sequence) scores all clusters of that K head in one
-# tl.dot and writes the fp32 scores, B * C * T floats (1/64 of the K bytes per cluster at d=128). Phase
-# 2 (one program per V head, split, sequence) reads each V row once and runs the online softmax and P.V
-# for every slot (cluster, V head) of that V head, writing the same partial results as the tile kernels
-# so _decode_reduce_kernel merges them. The single-pass tile kernels read a V head once per cluster that
-# uses it: up to 3x the dense V traffic on GQA layouts that scatter the KV groups.
-
-
-@triton.jit
-def _scores_kernel(
-    Q, K, Lengths, Span, KGroups, Scores,
-    stride_qb, stride_qc,
-    stride_kb, stride_kh, stride_kt,
-    num_clusters, stride_st,
-    qk_scale, split_len, sinks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Scores[b, c, n] = q_c . k_t * scale * log2(e) for the n-th attended key t of split `split`."""
-    group = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-
-    row = KGroups + group * (2 + ROWS)
-    kh = tl.load(row).to(tl.int64)
-    count = tl.load(row + 1)
-    offs_r = tl.arange(0, ROWS)
-    r_valid = offs_r < count
-    cl = tl.load(row + 2 + offs_r).to(tl.int64)
-    length = tl.load(Lengths + b)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    dmask = offs_d < HEAD_DIM
-    if HAS_SPAN:
-        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
-
-    q = tl.load(
-        Q + b * stride_qb + cl[:, None] * stride_qc + offs_d[None, :], mask=r_valid[:, None] & dmask[None, :], other=0.0
-    )
-    k_base = K + b * stride_kb + kh * stride_kh
-    s_rows = Scores + (b * num_clusters + cl) * stride_st  # [ROWS] pointers
-
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, length)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
-        k = tl.load(
-            k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
-        )
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        tl.store(s_rows[:, None] + n[None, :], s, mask=r_valid[:, None] & n_valid[None, :])
-
-
-@triton.jit
-def _pv_kernel(
-    V, Lengths, Span, VGroups, Scores, Work,
-    stride_vb, stride_vh, stride_vt,
-    num_clusters, stride_st,
-    num_slots, num_splits, ml_offset,
-    split_len, sinks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Online softmax of each slot's cluster scores and P.V with the V head of the group; one V read."""
-    group = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-
-    row = VGroups + group * (2 + 2 * ROWS)
-    vh = tl.load(row).to(tl.int64)
-    count = tl.load(row + 1)
-    offs_r = tl.arange(0, ROWS)
-    r_valid = offs_r < count
-    slot = tl.load(row + 2 + offs_r).to(tl.int64)
-    cl = tl.load(row + 2 + ROWS + offs_r).to(tl.int64)  # padding rows read cluster 0: finite, never stored
-    length = tl.load(Lengths + b)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    dmask = offs_d < HEAD_DIM
-    if HAS_SPAN:
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
-
-    v_base = V + b * stride_vb + vh * stride_vh
-    s_rows = Scores + (b * num_clusters + cl) * stride_st
-
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, length)
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
-        s = tl.load(s_rows[:, None] + n[None, :], mask=n_valid[None, :], other=float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + t[:, None] * stride_vt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # Same workspace layout as _decode_split_kernel; slots of one group need not be adjacent.
-    part = (b * num_slots + slot) * num_splits + split
-    tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_valid[:, None] & dmask[None, :])
-    tl.store(Work + ml_offset + part, m_i, mask=r_valid)
-    tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, l_i, mask=r_valid)
-
-
 @triton.jit
 def _decode_reduce_kernel(
     Work, SlotOfHead, Out,
@@ -425,7 +267,7 @@ class DecodeConfig:
     # Tensor-core variant (_decode_split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
     use_dot: bool | None = None
-    # Two-phase kernels (_scores_kernel, _pv_kernel); None: on when a V head is read by several clusters
+    # Two-phase kernels (scores_kernel, pv_kernel); None: on when a V head is read by several clusters
     # (the tiles would read it once per cluster: 0.44-0.75x of dense SDPA on H200) and on tiles wider
     # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
     # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
@@ -545,14 +387,14 @@ def clustered_decode(
         k_split, k_split_len = num_splits_for(
             batch, plan.k_groups.shape[0], t_len, block_n, min_split, cfg.waves, _sm_count(dev)
         )
-        _scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
+        scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
             q, k_cache, lengths, span_arg, plan.k_groups, scores,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             num_clusters, scores.stride(1),
             scale * LOG2E, k_split_len, sinks, **common,
         )  # fmt: skip
-        _pv_kernel[(plan.v_groups.shape[0], n_split, batch)](
+        pv_kernel[(plan.v_groups.shape[0], n_split, batch)](
             v_cache, lengths, span_arg, plan.v_groups, scores, work,
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             num_clusters, scores.stride(1),
