@@ -151,8 +151,17 @@ def test_plan_dedupes_shared_v_heads_and_tiles() -> None:
     assert plan.slot_of_head.tolist() == [0, 0, 1, 1, 2, 3]
     assert plan.tile_cluster.tolist() == [0, 0, 1, 1]
     assert plan.tile_v_heads.flatten().tolist() == [0, 1, 1, 2]
+    # Head-keyed groups of the two-phase kernels: V head 1 is read by both clusters (slots 1 and 2).
+    assert plan.shared_v
+    assert plan.k_groups[:, :4].tolist() == [[0, 1, 0, 0], [1, 1, 1, 0]]
+    v_rows = [(r[0], r[1], r[2 : 2 + r[1]], r[18 : 18 + r[1]]) for r in plan.v_groups.tolist()]
+    assert v_rows == [(0, 1, [0], [0]), (1, 2, [1, 2], [0, 1]), (2, 1, [3], [1])]
     mha = build_plan(*mapping([3, 2], [0, 1], [0, 1, 2, 3, 4]), tile_width=2)
     assert mha.identity_slots and mha.num_tiles == 3 and mha.tile_count.tolist() == [2, 1, 2]
+    assert not mha.shared_v and mha.v_groups.shape[0] == 5
+    # More clusters on one K head than a group row holds: the head gets several rows.
+    mqa = build_plan(*mapping([1] * 20, [0] * 20, [0] * 20))
+    assert mqa.k_groups[:, 1].tolist() == [16, 4] and mqa.v_groups[:, 1].tolist() == [16, 4]
     # Auto width: a power of two near the mean slots per cluster, capped.
     assert build_plan(*mapping([8] * 4, [0, 1, 2, 3], list(range(32)))).tile_width == 8
     assert build_plan(*mapping([2] * 16, list(range(16)), list(range(32)))).tile_width == 2
@@ -195,6 +204,7 @@ DECODE_CASES = [
     ("mha-uneven", 3, [1, 5, 2, 8], None, 1000, [1, 999, 130], 128),
     ("gqa", 2, [3, 5, 4, 4], (4, 4), 517, [517, 33], 128),
     ("odd-d", 1, [2, 1], None, 70, [69], 80),
+    ("mqa-many", 2, [2] + [1] * 17, (1, 19), 150, [150, 77], 64),  # one KV head, 18 clusters: >16 per group
 ]
 
 
@@ -221,9 +231,11 @@ def test_decode_kernel(case, dtype) -> None:
     configs = [
         None,
         DecodeConfig(tile_width=1, block_n=16, min_split=16),
-        DecodeConfig(tile_width=8, block_n=64),
-        DecodeConfig(tile_width=4, block_n=32, use_dot=True),  # tensor-core kernel on a wide tile
-        DecodeConfig(tile_width=2, use_dot=False),  # FMA kernel where the default picks the dot one
+        DecodeConfig(tile_width=8, block_n=64, two_phase=False),  # FMA tiles
+        DecodeConfig(tile_width=4, block_n=32, use_dot=True, two_phase=False),  # tensor-core kernel on a wide tile
+        DecodeConfig(tile_width=2, use_dot=False, two_phase=False),  # FMA kernel where the default picks the dot one
+        DecodeConfig(two_phase=True, block_n=16, min_split=16),  # scores + P.V kernels on every layout
+        DecodeConfig(two_phase=False),  # single-pass tiles where the default picks two phases
     ]
     for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
@@ -253,7 +265,7 @@ def test_decode_kernel_span_and_sinks() -> None:
     want = clustered_decode_reference(
         q, k, v, lengths, offs, ki, vi, 0.1, span=span, sinks=sinks, out_dtype=torch.float64
     )
-    for cfg in [None, DecodeConfig(block_n=16, min_split=16)]:
+    for cfg in [None, DecodeConfig(block_n=16, min_split=16), DecodeConfig(two_phase=True, block_n=16, min_split=16)]:
         got = clustered_decode(q, k, v, lengths, offs, ki, vi, 0.1, span=span, sinks=sinks, config=cfg)
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 _LAZY = {
     "clustered_decode_reference": "reference", "clustered_prefill_reference": "reference",
-    "HAS_TRITON": "triton_decode", "ClusterPlan": "tile_plan", "DecodeConfig": "triton_decode",
+    "HAS_TRITON": "_triton", "ClusterPlan": "tile_plan", "DecodeConfig": "triton_decode",
     "build_plan": "tile_plan", "clustered_decode": "triton_decode", "get_plan": "tile_plan",
     "plan_for_layout": "tile_plan", "PrefillConfig": "triton_prefill", "clustered_prefill": "triton_prefill",
 }

@@ -22,6 +22,11 @@ from chai_compile.layout import ClusterLayout, check_offsets
 # count, first slot, then the V heads.
 T_CLUSTER, T_COUNT, T_VHEADS = 0, 2, 4
 
+# Rows of the head-keyed tables of the two-phase decode: a K head with the clusters scored against it, a
+# V head with the slots that read it. 16 = the smallest MMA height, so one row is one tl.dot operand; a
+# head with more clusters or slots gets several rows.
+GROUP_ROWS = 16
+
 
 @dataclass(frozen=True)
 class ClusterPlan:
@@ -35,6 +40,9 @@ class ClusterPlan:
     identity_slots: bool  # slot i is head i: outputs can be written in place
     tiles: torch.Tensor  # [NT, 4 + tile_width] int32: cluster, K head, count, first slot, V heads (0-padded)
     slot_of_head: torch.Tensor  # [H] int32
+    k_groups: torch.Tensor  # [NK, 2 + GROUP_ROWS] int32: K head, count, clusters (0-padded)
+    v_groups: torch.Tensor  # [NV, 2 + 2 * GROUP_ROWS] int32: V head, count, slots, their clusters (0-padded)
+    shared_v: bool  # some V head is read by several clusters (GQA clusters cutting across KV groups)
     sources: tuple[torch.Tensor, ...] = ()  # keeps the keyed tensors alive so their pointers stay unique
 
     @property
@@ -96,6 +104,21 @@ def build_plan(
             heads = slot_vhead[s : min(s + width, first_slot[c + 1])]
             rows.append([c, kidx[c], len(heads), s] + heads + [0] * (width - len(heads)))
 
+    k_groups = []
+    for kh in sorted(set(kidx)):
+        clusters = [c for c in range(num_clusters) if kidx[c] == kh]
+        for i in range(0, len(clusters), GROUP_ROWS):
+            part = clusters[i : i + GROUP_ROWS]
+            k_groups.append([kh, len(part)] + part + [0] * (GROUP_ROWS - len(part)))
+    slot_cluster = [c for c in range(num_clusters) for _ in range(first_slot[c], first_slot[c + 1])]
+    v_groups = []
+    for vh in sorted(set(slot_vhead)):
+        slots = [s for s, h in enumerate(slot_vhead) if h == vh]
+        for i in range(0, len(slots), GROUP_ROWS):
+            part = slots[i : i + GROUP_ROWS]
+            pad = [0] * (GROUP_ROWS - len(part))
+            v_groups.append([vh, len(part)] + part + pad + [slot_cluster[s] for s in part] + pad)
+
     dev = cluster_offsets.device
     return ClusterPlan(
         num_heads=len(vidx),
@@ -108,6 +131,9 @@ def build_plan(
         identity_slots=slot_of_head == list(range(len(vidx))),
         tiles=torch.tensor(rows, dtype=torch.int32, device=dev),
         slot_of_head=torch.tensor(slot_of_head, dtype=torch.int32, device=dev),
+        k_groups=torch.tensor(k_groups, dtype=torch.int32, device=dev),
+        v_groups=torch.tensor(v_groups, dtype=torch.int32, device=dev),
+        shared_v=len(set(slot_vhead)) < len(slot_vhead),
         sources=(cluster_offsets, k_head_index, v_head_index),
     )
 

@@ -8,9 +8,13 @@ head). Heads of one cluster that share a V head (GQA) share one accumulator ("sl
 reduction kernel writes that slot to each of them. A second kernel merges the splits.
 
 Programs of the same (sequence, split) are launched next to each other so that tiles reading the
-same K or V rows (a cluster cut into several tiles, or V heads shared across clusters) meet in L2.
+same K or V rows (a cluster cut into several tiles) meet in L2.
 
-Triton is imported lazily: without it this module still imports, and the entry points raise.
+Where tiles would read a V head once per cluster (GQA clusters that cut across KV groups), and on
+wide tiles of long caches, two kernels replace the split kernel instead: scores per K head, then P.V
+per V head, so every K and V row is read once (triton_two_phase.py).
+
+Without Triton this module still imports (kernels/_triton.py), and the entry point raises.
 """
 
 from __future__ import annotations
@@ -20,33 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from chai_compile.kernels.tile_plan import get_plan
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: kernels are defined but never launched.
-    HAS_TRITON = False
-
-    class _NoTriton:
-        constexpr = int
-
-        @staticmethod
-        def jit(fn=None, **_kw):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()  # type: ignore[assignment]
-
-
-LOG2E = 1.4426950408889634
-
-
-def require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("chai_compile.kernels needs triton (pip install triton) and a CUDA GPU")
-
+from chai_compile.kernels._triton import LOG2E, require_triton, tl, triton
+from chai_compile.kernels.tile_plan import GROUP_ROWS, get_plan
+from chai_compile.kernels.triton_two_phase import pv_kernel, scores_kernel
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -280,11 +260,21 @@ class DecodeConfig:
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int | None = None
-    min_split: int = 64  # keys per split at least: partial results stay a few % of the traffic
+    # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
+    # tiles, 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral elsewhere).
+    min_split: int | None = None
     waves: float = 8.0  # aim for this many programs per SM before splitting stops
     # Tensor-core variant (_decode_split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
     use_dot: bool | None = None
+    # Two-phase kernels (scores_kernel, pv_kernel); None: on when a V head is read by several clusters
+    # (the tiles would read it once per cluster: 0.44-0.75x of dense SDPA on H200) and on tiles wider
+    # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
+    # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
+    two_phase: bool | None = None
+
+
+TWO_PHASE_MIN_KEYS = 16384
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -365,14 +355,19 @@ def clustered_decode(
         span = span.to(torch.int32)
     num_heads = plan.num_heads
     width = plan.tile_width
-    block_n, stages = _DECODE_TABLE.get(width, (16, 2))
+    t_len = max_length or t_max
+    two_phase = cfg.two_phase
+    if two_phase is None:
+        two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
+    min_split = cfg.min_split or (256 if two_phase else 64)
+    # Two-phase programs hold one V head (one K head) like a width-1 tile.
+    block_n, stages = _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
     block_n = cfg.block_n or block_n
     stages = cfg.num_stages or stages
 
     dev = q.device
-    n_split, split_len = num_splits_for(
-        batch, plan.num_tiles, max_length or t_max, block_n, cfg.min_split, cfg.waves, _sm_count(dev)
-    )
+    programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
+    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, cfg.waves, _sm_count(dev))
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
@@ -381,20 +376,46 @@ def clustered_decode(
         raise ValueError(f"out must be [{batch}, {num_heads}, {head_dim}] with a contiguous last dim")
     block_d = triton.next_power_of_2(head_dim)
 
-    use_dot = width <= 2 if cfg.use_dot is None else cfg.use_dot
-    use_dot = use_dot and v_cache.stride(1) % 8 == 0 and v_cache.stride(0) % 8 == 0  # 16-byte aligned V rows
-    kernel = _decode_split_dot_kernel if use_dot else _decode_split_kernel
-    extra = {"DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"} if use_dot else {}
-    kernel[(plan.num_tiles, n_split, batch)](
-        q, k_cache, v_cache, lengths, span if span is not None else lengths, plan.tiles, work,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        plan.num_slots, n_split, ml_offset,
-        scale * LOG2E, split_len, sinks,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
-        num_warps=cfg.num_warps, num_stages=stages, **extra,
-    )  # fmt: skip
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    span_arg = span if span is not None else lengths
+    if two_phase:
+        scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,
+                      HAS_SPAN=span is not None, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=stages)
+        # Phase 1 runs on fewer heads (the kept K heads): its own, finer split keeps the GPU busy. The
+        # scores are indexed by key, so the two phases need not agree on the split.
+        k_split, k_split_len = num_splits_for(
+            batch, plan.k_groups.shape[0], t_len, block_n, min_split, cfg.waves, _sm_count(dev)
+        )
+        scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
+            q, k_cache, lengths, span_arg, plan.k_groups, scores,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            num_clusters, scores.stride(1),
+            scale * LOG2E, k_split_len, sinks, **common,
+        )  # fmt: skip
+        pv_kernel[(plan.v_groups.shape[0], n_split, batch)](
+            v_cache, lengths, span_arg, plan.v_groups, scores, work,
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            num_clusters, scores.stride(1),
+            plan.num_slots, n_split, ml_offset,
+            split_len, sinks, **common,
+        )  # fmt: skip
+    else:
+        use_dot = width <= 2 if cfg.use_dot is None else cfg.use_dot
+        use_dot = use_dot and v_cache.stride(1) % 8 == 0 and v_cache.stride(0) % 8 == 0  # 16-byte aligned V rows
+        kernel = _decode_split_dot_kernel if use_dot else _decode_split_kernel
+        extra = {"DOT_PRECISION": precision} if use_dot else {}
+        kernel[(plan.num_tiles, n_split, batch)](
+            q, k_cache, v_cache, lengths, span_arg, plan.tiles, work,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            plan.num_slots, n_split, ml_offset,
+            scale * LOG2E, split_len, sinks,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
+            num_warps=cfg.num_warps, num_stages=stages, **extra,
+        )  # fmt: skip
     _decode_reduce_kernel[(num_heads, batch)](
         work, plan.slot_of_head, out,
         out.stride(0), out.stride(1),

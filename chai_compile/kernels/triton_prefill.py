@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from chai_compile.kernels._triton import LOG2E, require_triton, tl, triton
 from chai_compile.kernels.tile_plan import get_plan
-from chai_compile.kernels.triton_decode import LOG2E, require_triton, tl, triton
 
 
 @triton.jit
