@@ -122,11 +122,11 @@ class DecoderWrapper(nn.Module):
             self.before_call(attention_mask)
         out = model_forward(self.model, cache, input_ids=input_ids,
                             attention_mask=None if self.inplace_cache else attention_mask, position_ids=position_ids)
+        bounded = self.span_cache.presents if self.span_cache is not None else {}
         presents = [out.logits]
         for i, layer in enumerate(output_cache(out).layers):  # graph order: cache_layout.CacheSpec.entries
             presents += [layer.keys, layer.values]
-            for key, value in self.span_cache.presents.get(i, []) if self.span_cache is not None else []:
-                presents += [key, value]
+            presents += [t for pair in bounded.get(i, []) for t in pair]
         return tuple(presents)
 
 
@@ -210,6 +210,9 @@ def transposed_linears(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, child)
 
 
+SAMPLE_BOUNDED_ROWS = 2
+
+
 def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4,
                   mask_len: int | None = None) -> tuple[torch.Tensor, ...]:
     """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1; bounded
@@ -220,12 +223,11 @@ def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq if mask_len is None else mask_len, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv = [torch.randn(shape[:2] + ((SAMPLE_BOUNDED_ROWS,) if "_span." in name else shape[2:3]) + shape[3:],
-                      generator=g).to(dtype) for name, shape in spec.entries(batch, past)]
+    kv = []
+    for name, (b, heads, rows, d) in spec.entries(batch, past):
+        rows = SAMPLE_BOUNDED_ROWS if "_span." in name else rows
+        kv.append(torch.randn(b, heads, rows, d, generator=g).to(dtype))
     return (ids, mask, pos, *kv)
-
-
-SAMPLE_BOUNDED_ROWS = 2
 
 
 def dynamic_shapes(spec: CacheSpec) -> tuple[Any, ...]:
