@@ -36,8 +36,8 @@ class Choice(StrEnum):
 
 
 class LayerKind(Choice):
-    """What a plan does to one layer's attention. SHARED and SPAN are shaped for the cross-layer and
-    attention-span transforms; this version's rewrite refuses them with a typed error."""
+    """What a plan does to one layer's attention. SHARED and SPAN: the cross-layer and attention-span transforms
+    (the rewrite and the portable export carry them out; the fused export refuses them)."""
 
     DENSE = "dense"
     CLUSTERED = "clustered"

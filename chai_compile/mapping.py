@@ -31,8 +31,8 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSION_WEIGHTS = 2
 SCHEMA_VERSION_KINDS = 3
 SCHEMA_VERSIONS = (SCHEMA_VERSION, SCHEMA_VERSION_WEIGHTS, SCHEMA_VERSION_KINDS)
-# Kinds of schema versions 1 and 2, and the kinds the fused export carries out. The rewrite carries out
-# every kind; the portable export adds shared layers; span layers have no graph form yet.
+# Kinds of schema versions 1 and 2, and the kinds the fused export carries out. The rewrite and the portable
+# export carry out every kind.
 SUPPORTED_KINDS = (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 
@@ -184,15 +184,16 @@ class ClusterMapping:
         doc.pop("provenance")
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
-    def require_supported(self, what: str, kinds: Sequence[LayerKind] = SUPPORTED_KINDS) -> None:
+    def require_supported(self, what: str, kinds: Sequence[LayerKind] = SUPPORTED_KINDS, fix: str | None = None
+                          ) -> None:
         """Raise UnsupportedLayerKindError naming the first layer whose kind `what` (which carries out
-        `kinds`) cannot carry out."""
+        `kinds`) cannot carry out; `fix`: what to do instead, when the error's default does not say it."""
         for lm in self.layers:
             if lm.kind not in kinds:
                 raise UnsupportedLayerKindError(
                     f"layer {lm.index}: {what} of a {lm.kind} layer is not supported by this version; it reads "
                     f"and validates such plans, and carries out {', '.join(kinds)} layers",
-                    value=str(lm.kind))
+                    value=str(lm.kind), fix=fix)
 
     def summary(self) -> dict[str, Any]:
         """Head and cache counts: what the mapping removes from the model.

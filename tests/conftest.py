@@ -66,6 +66,8 @@ SLOW_TESTS = {
     "test_profile.py::test_bad_input_one_line_error_no_output",  # 3.4-5.0 each, 7 cases: one process each
     "test_verify.py::test_sweep_from_a_profile",  # 3.6-10: a profile, then a sweep of its budgets
     "test_rewrite_transforms.py::test_cli_export_of_a_shared_plan",  # ~25: a portable export, validated
+    "test_export_spans.py::test_stories_planned_span_plan_exports_and_validates",  # a plan, export, verify
+    "test_export_spans.py::test_stories_clustered_span_shared_plan_exports_and_validates",  # export, 300 steps
 }
 # Modules that need CUDA throughout (the other GPU tests say so in their skipif reason).
 GPU_MODULES = {"test_rewrite_gpu.py"}

@@ -64,10 +64,10 @@ def test_rewrite_uses_the_layout(gqa):
 
 def test_fused_export_attributes_are_the_layout(gqa):
     from chai_compile.export.fused import FusedClusteredAttention, prepare_fused
-    from chai_compile.export.onnx_export import DecoderWrapper
+    from chai_compile.export.onnx_export import DecoderWrapper, cache_spec
 
     _, mapping, chai = gqa
-    wrapper, _ = prepare_fused(DecoderWrapper(chai, 2), kv_cache="inplace")
+    wrapper, _ = prepare_fused(DecoderWrapper(chai, cache_spec(chai)), kv_cache="inplace")
     fused = [m for m in wrapper.modules() if isinstance(m, FusedClusteredAttention)]
     assert [f.layer_idx for f in fused] == [0, 1]  # the dense layer as its identity layout
     for f in fused:
@@ -183,6 +183,6 @@ def test_fused_node_matches_the_rewrite(gqa):
     pos = torch.arange(6).expand(2, 6)
     with torch.no_grad():
         want = chai(ids, attention_mask=mask, use_cache=False).logits
-        wrapper, _ = prepare_fused(DecoderWrapper(chai, spec.num_layers))
+        wrapper, _ = prepare_fused(DecoderWrapper(chai, spec))
         got = wrapper(ids, mask, pos, *spec.empty(2, 0, torch.float32))[0]
     assert (got - want).abs().max().item() <= 1e-5

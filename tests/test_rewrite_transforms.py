@@ -278,22 +278,23 @@ def test_rewrite_refuses_bad_shared_and_span_layers():
         assert not any(isinstance(m, ClusteredAttention) for m in model.modules())  # left as it was
 
 
-def test_export_refuses_span_layers_and_fused_shared_layers(tmp_path):
+def test_fused_export_refuses_span_and_shared_layers(tmp_path):
+    """Only the portable form carries them out (tests/test_export_spans.py exports span layers)."""
     from chai_compile.export.onnx_export import export_decoder
 
     orig = tiny3()
-    for name, form, text in (("span", "portable", "span layer in any form or opset"),
-                             ("mixed", "fused", "span layer"), ("shared-dense", "fused", "shared layer in the fused")):
+    for name, text in (("mixed", "layer 1: the fused form has no span layers"),
+                       ("shared-dense", "layer 2: the fused form has no shared layers")):
         chai = apply_mapping(copy.deepcopy(orig), plans(orig)[name])
         with pytest.raises(ExportError) as e:
-            export_decoder(chai, tmp_path / name, attention=form)
-        assert text in one_line(e) and "not supported by this version" in one_line(e)
+            export_decoder(chai, tmp_path / name, attention="fused")
+        assert text in one_line(e) and "fix: export with --attention portable" in one_line(e)
 
 
 @pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
 def test_cli_export_of_a_shared_plan(stories, tmp_path):
     """Portable: validated against PyTorch (logits within 1e-4, same greedy tokens), layer 4's K cache has
-    zero heads. Fused and span plans are refused before the model loads."""
+    zero heads. Fused exports of shared and span plans are refused before the model loads."""
     from chai_compile.export.cli import run_export
     from chai_compile.mapping import UnsupportedLayerKindError
 
@@ -310,7 +311,7 @@ def test_cli_export_of_a_shared_plan(stories, tmp_path):
     assert heads["past_key_values.4.key"] == 0 and heads["past_key_values.4.value"] == 4  # the shared layer
     assert heads["past_key_values.0.key"] == 4
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
-    for name, form in (("shared-dense", "fused"), ("span", "portable")):
+    for name, form in (("shared-dense", "fused"), ("span", "fused")):
         with pytest.raises(UnsupportedLayerKindError) as e:
             run_export(str(STORIES), str(tmp_path / f"{name}.json"), False, "onnx", form, "fp32", 23,
                        str(tmp_path / f"{name}-{form}"), False, log=lambda m: None)

@@ -22,10 +22,12 @@ EXPORT_DTYPES = ("float32", "fp32", "float16", "fp16")
 
 
 def exportable_kinds(attention: str) -> tuple[LayerKind, ...]:
-    """Layer kinds an export form carries out: shared layers need no node of their own (P.V in the portable
-    graph, a K cache of zero heads); the fused node has no shared form, and no form has spans yet."""
-    kinds = (LayerKind.DENSE, LayerKind.CLUSTERED)
-    return (*kinds, LayerKind.SHARED) if attention == AttentionForm.PORTABLE else kinds
+    """Layer kinds an export form carries out: the portable graph every kind (a shared layer is P.V with a K
+    cache of zero heads, a span layer masks its scores and keeps bounded caches as their own tensors); the
+    fused node computes clustered scores over a full-length cache only."""
+    if attention == AttentionForm.PORTABLE:
+        return tuple(LayerKind)
+    return (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 
 def load_source(model: str, mapping: Any, placed: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -85,7 +87,10 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
 
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
         if mapping is not None:  # before the model loads: a plan the form cannot express fails fast
-            mapping.require_supported(f"the {attention} export", exportable_kinds(attention))
+            inplace = " with the in-place KV cache" if kv_cache == KVCacheMode.INPLACE else ""
+            mapping.require_supported(f"the {attention} export{inplace}", exportable_kinds(attention),
+                                      fix="export the portable form (--attention portable, --kv-cache concat), "
+                                          "which carries out every layer kind")
         tokenizer, source = load_source(model, mapping, placed)
         log("running the PyTorch model for the validation reference")
         reference = validate.reference(source, tokenizer, steps)

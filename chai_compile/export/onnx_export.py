@@ -4,7 +4,8 @@ The model is wrapped in `DecoderWrapper` whose flat signature is what ONNX needs
 `(input_ids, attention_mask, position_ids, past_key_values.N.key, past_key_values.N.value, ...)` ->
 `(logits, present.N.key, present.N.value, ...)`. Past tensors are fed into a transformers DynamicCache
 layer by layer, so the rewritten layers see exactly what they see in PyTorch, and their K cache
-carries only the kept heads (the shapes come from the module, not the config).
+carries only the kept heads (the shapes come from the module, not the config). Span layers add a pair of
+tensors per bounded head group (`cache_layout`, `span_graph`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from chai_compile.choices import DATA_NAME, DEFAULT_OPSET, GRAPH_NAME, AttentionForm, KVCacheMode
 from chai_compile.compat import model_forward, output_cache
 from chai_compile.errors import ExportError, Terminated, root_cause
+from chai_compile.export.cache_layout import PAST, PRESENT, BoundedGroup, CacheSpec
 from chai_compile.mapping import ClusterMapping
 
 # Why 18: the dynamo exporter's translations and the optimizer target opset >= 18 (ReduceMean axes
@@ -51,74 +53,56 @@ def check_opset(attention: str, opset: int) -> None:
                           fix=f"use --opset {newest} or older (default {DEFAULT_OPSET})")
 
 
-def refuse_unexportable(model: nn.Module, attention: str) -> None:
-    """Span layers have no graph form yet, shared layers no fused one: refused whichever path built the model."""
+def refuse_unexportable(model: nn.Module, attention: str, kv_cache: str = KVCacheMode.CONCAT) -> None:
+    """Shared and span layers have only the portable form (the fused node computes its own clustered scores
+    over a full-length cache): refused whichever path built the model."""
     from chai_compile.rewrite.shared import SharedAttention
     from chai_compile.rewrite.span import SpanAttention
 
+    if attention == AttentionForm.PORTABLE:
+        return
     for m in model.modules():
-        shared = isinstance(m, SharedAttention) and attention != AttentionForm.PORTABLE
-        if shared or isinstance(m, SpanAttention):
-            kind = "shared" if shared else "span"
-            forms = f"the {attention} form" if shared else "any form or opset"
-            raise ExportError(f"layer {m.layer_idx}: export of a {kind} layer in {forms} is not supported by this "
-                              "version", value=kind, fix="export a plan without span layers (shared layers: "
-                              "--attention portable), or run the plan through the PyTorch rewrite")
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheSpec:
-    """Per-layer K/V head counts and the head size: the cache shapes the graph takes and returns."""
-
-    k_heads: tuple[int, ...]
-    v_heads: tuple[int, ...]
-    head_dim: int
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k_heads)
-
-    def empty(self, batch: int, past: int, dtype: torch.dtype) -> list[torch.Tensor]:
-        out = []
-        for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
-            out += [torch.zeros(batch, kh, past, self.head_dim, dtype=dtype),
-                    torch.zeros(batch, vh, past, self.head_dim, dtype=dtype)]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        if isinstance(m, SharedAttention | SpanAttention):
+            kind = "shared" if isinstance(m, SharedAttention) else "span"
+            form = "the in-place KV cache" if kv_cache == KVCacheMode.INPLACE else f"the {attention} form"
+            raise ExportError(f"layer {m.layer_idx}: {form} has no {kind} layers (only the portable form exports "
+                              "them)", value=kind, fix="export with --attention portable (and the default "
+                              "--kv-cache concat), or a plan without shared and span layers")
 
 
 def cache_spec(model: nn.Module) -> CacheSpec:
-    """K heads per layer: the kept heads for clustered layers (what the rewrite caches), else all KV heads."""
+    """K heads per layer: the kept heads for clustered layers (what the rewrite caches), else all KV heads; a span
+    layer's plain tensors hold its unbounded KV heads, each bounded group has its own (`cache_layout`)."""
     from chai_compile.adapters import adapter_for
     from chai_compile.rewrite import ClusteredAttention
+    from chai_compile.rewrite.span import SpanAttention
 
     ad = adapter_for(model)
     spec = ad.spec
-    k_heads, v_heads = [], []
+    k_heads, v_heads, bounded = [], [], []
     for i in range(spec.num_layers):
         attn = ad.attention(i)
-        k_heads.append(attn.num_kept if isinstance(attn, ClusteredAttention) else spec.num_kv_heads)
-        v_heads.append(spec.num_kv_heads)
-    return CacheSpec(tuple(k_heads), tuple(v_heads), spec.head_dim)
+        groups: tuple[BoundedGroup, ...] = ()
+        if isinstance(attn, SpanAttention):
+            full = sum(len(g.kv_heads) for g in attn.groups if g.window is None)
+            groups = tuple(BoundedGroup(g.kv_heads, g.sinks, g.window) for g in attn.groups if g.window is not None)
+            k_heads.append(full)
+            v_heads.append(full)
+        else:
+            k_heads.append(attn.num_kept if isinstance(attn, ClusteredAttention) else spec.num_kv_heads)
+            v_heads.append(spec.num_kv_heads)
+        bounded.append(groups)
+    return CacheSpec(tuple(k_heads), tuple(v_heads), spec.head_dim, tuple(bounded))
 
 
 class DecoderWrapper(nn.Module):
     """Flat-tensor decoder: builds a DynamicCache from the past tensors, returns logits and presents."""
 
-    def __init__(self, model: nn.Module, num_layers: int) -> None:
+    def __init__(self, model: nn.Module, cache: CacheSpec) -> None:
         super().__init__()
         self.model = model
-        self.num_layers = num_layers
+        self.cache = cache
+        self.span_cache: Any = None  # span layers' bounded caches go through it (span_graph.graph_span_layers)
         self.before_call: Any = None  # fused export hands the 2D mask to its attention modules here
         # In-place cache (every layer fused): the past tensors are buffers longer than the mask, so the model
         # gets no mask to build a 4D one from; the fused nodes read the 2D mask from before_call.
@@ -129,13 +113,21 @@ class DecoderWrapper(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        for i in range(self.num_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
+        layers = self.cache.split(past)
+        for i, (key, value, _) in enumerate(layers):
+            cache.update(key, value, i)
+        if self.span_cache is not None:
+            self.span_cache.begin(attention_mask, {i: bounded for i, (_, _, bounded) in enumerate(layers) if bounded})
         if self.before_call is not None:
             self.before_call(attention_mask)
         out = model_forward(self.model, cache, input_ids=input_ids,
                             attention_mask=None if self.inplace_cache else attention_mask, position_ids=position_ids)
-        return (out.logits, *[t for layer in output_cache(out).layers for t in (layer.keys, layer.values)])
+        bounded = self.span_cache.presents if self.span_cache is not None else {}
+        presents = [out.logits]
+        for i, layer in enumerate(output_cache(out).layers):  # graph order: cache_layout.CacheSpec.entries
+            presents += [layer.keys, layer.values]
+            presents += [t for pair in bounded.get(i, []) for t in pair]
+        return tuple(presents)
 
 
 def _precise_silu(x: Any) -> Any:
@@ -218,24 +210,36 @@ def transposed_linears(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, child)
 
 
+SAMPLE_BOUNDED_ROWS = 2
+
+
 def sample_inputs(spec: CacheSpec, vocab: int, dtype: torch.dtype, batch: int = 2, seq: int = 3, past: int = 4,
                   mask_len: int | None = None) -> tuple[torch.Tensor, ...]:
-    """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1.
+    """Batch >= 2 and seq, past > 1 so torch.export does not specialise any dynamic dimension to 0 or 1; bounded
+    pasts get 2 rows whatever their capacity (a capacity of 1 would pin the dimension to 1).
 
     mask_len: the mask's length when it is not past + seq (in-place cache: past is the buffer length)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     mask = torch.ones(batch, past + seq if mask_len is None else mask_len, dtype=torch.int64)
     pos = torch.arange(past, past + seq).expand(batch, seq).contiguous()
-    kv = [torch.randn(t.shape, generator=g).to(dtype) for t in spec.empty(batch, past, dtype)]
+    kv = []
+    for name, (b, heads, rows, d) in spec.entries(batch, past):
+        rows = SAMPLE_BOUNDED_ROWS if "_span." in name else rows
+        kv.append(torch.randn(b, heads, rows, d, generator=g).to(dtype))
     return (ids, mask, pos, *kv)
 
 
-def dynamic_shapes(num_layers: int) -> tuple[Any, ...]:
+def dynamic_shapes(spec: CacheSpec) -> tuple[Any, ...]:
     dim = torch.export.Dim
     batch, seq, past, total = dim("batch", max=1024), dim("seq", max=65536), dim("past", max=131072), \
         dim("total", max=196608)
-    past_ds = [{0: batch, 2: past} for _ in range(2 * num_layers)]
+    # One symbolic row count per bounded capacity: min(past, sinks + window), the same for equal capacities.
+    rows = {g.capacity: dim(f"past_bounded_{g.capacity}", max=131072) for groups in spec.bounded for g in groups}
+    past_ds = []
+    for groups in spec.bounded:  # graph order: key, value, then K and V of each bounded group
+        past_ds += [{0: batch, 2: past}, {0: batch, 2: past}]
+        past_ds += [{0: batch, 2: rows[grp.capacity]} for grp in groups for _ in ("key", "value")]
     return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple(past_ds))
 
 
@@ -277,11 +281,12 @@ def export_decoder(
     Runtime maps the file instead of parsing it, and protobuf's 2 GB limit never applies.
     """
     check_opset(attention, opset)
-    refuse_unexportable(model, attention)
+    refuse_unexportable(model, attention, kv_cache)
     from chai_compile.export.clean import finalize_ir
+    from chai_compile.export.span_graph import graph_span_layers
 
     spec = cache_spec(model)
-    wrapper = DecoderWrapper(model, spec.num_layers).eval()
+    wrapper = DecoderWrapper(model, spec).eval()
     table = translation_table()
     if attention == AttentionForm.FUSED:
         from chai_compile.export.fused import prepare_fused
@@ -293,16 +298,17 @@ def export_decoder(
     # In place, the buffer (9 rows) outlives the mask (2 past + 3 new): distinct sizes keep the two dims apart.
     inputs = sample_inputs(spec, model.config.vocab_size, model_dtype(model),
                            **({"past": 9, "mask_len": 5} if kv_cache == KVCacheMode.INPLACE else {}))
-    in_names = [*INPUT_NAMES, *past_names(spec.num_layers)]
-    out_names = ["logits", *present_names(spec.num_layers)]
+    in_names = [*INPUT_NAMES, *spec.names(PAST)]
+    out_names = ["logits", *spec.names(PRESENT)]
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), transposed_linears(wrapper), native_gqa(), warnings.catch_warnings():
+        with torch.no_grad(), transposed_linears(wrapper), native_gqa(), graph_span_layers(wrapper), \
+                warnings.catch_warnings():
             # Same-named dynamic axes across inputs are intended (one batch, one seq, one past): the
             # exporter warns once per axis that it merged them.
             warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used")
             prog = torch.onnx.export(
-                wrapper, inputs, dynamic_shapes=dynamic_shapes(spec.num_layers), input_names=in_names,
+                wrapper, inputs, dynamic_shapes=dynamic_shapes(spec), input_names=in_names,
                 output_names=out_names, dynamo=True, opset_version=opset, custom_translation_table=table,
                 optimize=True, verbose=False,
             )

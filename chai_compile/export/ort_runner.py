@@ -4,7 +4,9 @@ LogitsBackend for the verify harness. CUDA EP + IO binding when onnxruntime-gpu 
 Fused graphs run their ClusteredAttention nodes through the compiled op library when one is found
 (chai_compile.export.ort_ops), else through the onnxruntime-extensions Python reference op. Graphs exported
 with the in-place cache (metadata chai.kv_cache = inplace) are driven with one preallocated buffer per
-cache tensor, bound by IO binding as both the past input and the present output of every step."""
+cache tensor, bound by IO binding as both the past input and the present output of every step. Graphs with span
+layers take each bounded head group's cache as its own tensors (`cache_layout`); presents become the next step's
+pasts by name whatever the layout."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from chai_compile.choices import KVCacheMode
 from chai_compile.errors import ExportError
+from chai_compile.export.cache_layout import PAST, PRESENT, CacheSpec
 from chai_compile.kernels import fused_op
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -101,16 +104,19 @@ class OrtDecoder:
         self.session, self.fused_op_runner = _session(self.path, providers, threads, config, op_library)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.past_inputs = [n for n in self.inputs if n.startswith("past_key_values.")]
-        self.num_layers = len(self.past_inputs) // 2
+        self.past_inputs = [n for n in self.inputs if n.startswith(f"{PAST}.")]
+        # What each past becomes after a step: the present of the same name (graph outputs may be in any order).
+        self.present_outputs = [PRESENT + n[len(PAST):] for n in self.past_inputs]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
-        cache = json.loads(meta["chai.cache"]) if "chai.cache" in meta else None
-        self.head_dim = cache["head_dim"] if cache else self.inputs[self.past_inputs[0]].shape[3]
-        self.k_heads = cache["k_heads"] if cache else [self.inputs[f"past_key_values.{i}.key"].shape[1]
-                                                      for i in range(self.num_layers)]
-        self.v_heads = cache["v_heads"] if cache else [self.inputs[f"past_key_values.{i}.value"].shape[1]
-                                                      for i in range(self.num_layers)]
+        self.cache = CacheSpec.from_dict(json.loads(meta["chai.cache"])) if "chai.cache" in meta else \
+            self._plain_cache_spec()
+        if sorted(self.cache.names(PAST)) != sorted(self.past_inputs):
+            raise ExportError("the graph's cache inputs disagree with its chai.cache metadata",
+                              value=sorted(set(self.cache.names(PAST)) ^ set(self.past_inputs)),
+                              fix="re-export the directory with chai-compile export")
+        self.num_layers, self.head_dim = self.cache.num_layers, self.cache.head_dim
+        self.k_heads, self.v_heads = list(self.cache.k_heads), list(self.cache.v_heads)
         self.float_type = _NP[self.inputs[self.past_inputs[0]].type]
         self.use_cuda = self.session.get_providers()[0] == "CUDAExecutionProvider"
         self.kv_cache = KVCacheMode(meta.get("chai.kv_cache", KVCacheMode.CONCAT))
@@ -118,15 +124,19 @@ class OrtDecoder:
         self.name = "onnxruntime"
         self.max_length = 2048
 
+    def _plain_cache_spec(self) -> CacheSpec:
+        """Graphs exported before the chai.cache metadata: K and V head counts from the inputs' shapes."""
+        n = len(self.past_inputs) // 2
+        heads = [[self.inputs[f"{PAST}.{i}.{kind}"].shape[1] for i in range(n)] for kind in ("key", "value")]
+        return CacheSpec(tuple(heads[0]), tuple(heads[1]), self.inputs[self.past_inputs[0]].shape[3])
+
     def empty_cache(self, batch: int, capacity: int = 512) -> list[Any]:
-        """The cache before the first step. Concat: zero-length past tensors (numpy on CPU, OrtValues under
-        CUDA). In place: zeroed buffers of `capacity` token rows (OrtValues), written by every step."""
+        """The cache before the first step, in `past_inputs` order. Concat: zero-length past tensors (numpy on
+        CPU, OrtValues under CUDA). In place: zeroed buffers of `capacity` token rows (OrtValues), written by
+        every step."""
         rows = capacity if self.kv_cache == KVCacheMode.INPLACE else 0
-        out = []
-        for kh, vh in zip(self.k_heads, self.v_heads, strict=True):
-            out += [np.zeros((batch, kh, rows, self.head_dim), self.float_type),
-                    np.zeros((batch, vh, rows, self.head_dim), self.float_type)]
-        return self.wrap_cache(out)
+        shapes = {f"{PAST}.{name}": shape for name, shape in self.cache.entries(batch, rows)}
+        return self.wrap_cache([np.zeros(shapes[name], self.float_type) for name in self.past_inputs])
 
     def wrap_cache(self, arrays: list[np.ndarray]) -> list[Any]:
         """Cache arrays in the form step() takes (in place: buffers whose row count is the capacity)."""
@@ -150,7 +160,7 @@ class OrtDecoder:
             if self.use_cuda or self.kv_cache == KVCacheMode.INPLACE:
                 return self._step_bound(feeds, past)
             feeds.update(zip(self.past_inputs, past, strict=True))
-            outs = self.session.run(self.output_names, feeds)
+            outs = self.session.run(["logits", *self.present_outputs], feeds)
             return outs[0], outs[1:]
         except Exception as e:
             from chai_compile.export.ort_ops import run_error
@@ -175,8 +185,8 @@ class OrtDecoder:
                     binding.bind_cpu_input(name, value)
                 else:
                     binding.bind_ortvalue_input(name, value)
-            binding.bind_output(self.output_names[0], "cpu")  # first: get_outputs() follows binding order
-            for name, value in zip(self.output_names[1:], past, strict=True):
+            binding.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+            for name, value in zip(self.present_outputs, past, strict=True):
                 if inplace:
                     binding.bind_ortvalue_output(name, value)
                 else:
@@ -186,7 +196,7 @@ class OrtDecoder:
             binding.bind_cpu_input(k, v)
         # Bound afresh every step (same slot, by name): a reused binding keeps the last logits, whose shape
         # changes with the prompt.
-        binding.bind_output(self.output_names[0], "cpu")
+        binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return outs[0].numpy(), list(past) if inplace else list(outs[1:])

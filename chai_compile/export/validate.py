@@ -1,5 +1,5 @@
 """Artifact vs PyTorch, like Optimum's validate_model_outputs: logits (prefill, with a past, left padded) and
-greedy tokens.
+greedy tokens. A model with bounded span caches is generated from for as long as it takes them to drop tokens.
 
 Two halves so the export can drop the PyTorch model before ONNX Runtime loads the graph (peak memory is
 one copy of the weights, not two): `reference` runs the model and keeps only its outputs, `compare`
@@ -31,6 +31,21 @@ FP32_ATOL = 1e-4
 FP16_RELATIVE = 0.02
 PAST_SPLIT = 3  # the with-past check feeds the last 3 prompt tokens through the cache
 PADDING = 2  # left-padding check: row 0 gets 2 pad tokens
+EVICTING_STEPS = 8  # greedy steps checked after the largest bounded span cache first drops a token
+
+
+def greedy_steps(model: nn.Module, prompt: int, steps: int) -> int:
+    """`steps`, or more for a model with bounded span caches: enough that the largest one (sinks + window
+    tokens) drops tokens for EVICTING_STEPS steps, within the model's positions. The graph's bounded caches
+    follow a contract of their own (export/span_graph.py) that only a long enough generation exercises."""
+    from chai_compile.export.onnx_export import cache_spec
+
+    bound = cache_spec(model).longest_bound
+    if not bound:
+        return steps
+    need = bound + 1 - prompt + EVICTING_STEPS  # fed tokens (prompt + steps - 1) past the bound
+    positions = getattr(model.config, "max_position_embeddings", None) or prompt + need
+    return max(steps, min(need, positions - prompt))
 
 
 def prompt_ids(tokenizer: Any, prompts: tuple[str, ...] = PROMPTS, length: int = 12) -> torch.Tensor:
@@ -138,6 +153,7 @@ def float64_weights(model: nn.Module) -> Iterator[None]:
 def reference(model: nn.Module, tokenizer: Any, steps: int = GREEDY_STEPS) -> Reference:
     """Run the fp32 PyTorch model the graph comes from (rewritten or not) on the validation inputs."""
     ids = prompt_ids(tokenizer)
+    steps = greedy_steps(model, ids.shape[1], steps)
     pad_ids, pmask, ppos = _padded(ids, tokenizer.pad_token_id or 0)
     with torch.no_grad():
         logits = model(ids).logits.float().cpu().numpy()  # on the last layer's device when spread over several

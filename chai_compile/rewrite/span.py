@@ -42,6 +42,9 @@ class SpanAttention(ClusteredAttention):
     """A span layer's attention, with its own cache layer (installed in the transformers cache it is handed)."""
 
     membership = Membership.STATIC  # fixed by the plan
+    # Set by the portable export while it traces (export/span_graph.py): the bounded caches then travel as the
+    # graph's own tensors instead of a SpanCacheLayer.
+    graph_cache: Any = None
 
     def __init__(self, adapter: ModelAdapter, layer: LayerMapping) -> None:
         spec = adapter.spec
@@ -103,6 +106,8 @@ class SpanAttention(ClusteredAttention):
         if self.q_scale != 1.0:
             q = q * self.q_scale
         q, k = self.adapter.position(q, k, call)
+        if self.graph_cache is not None:
+            return self.graph_cache.attend(self, q, k, v, cache)
         layer = self.cache_layer(cache)
         if layer is not None and not layer.is_initialized:
             layer.lazy_initialization(k, v)

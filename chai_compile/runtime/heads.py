@@ -12,6 +12,7 @@ from typing import Any
 from chai_compile.errors import ExportError
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+_BOUNDED = re.compile(r"past_key_values\.\d+\.(key|value)_span\.\d+$")  # span layers (export/cache_layout.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class CacheHeads:
 
 def cache_heads(input_shapes: dict[str, list[Any]], artifact_dir: str | Path | None = None) -> CacheHeads:
     """From `{input name: shape}` (ONNX Runtime's session inputs); dims 1 and 3 of every past are fixed numbers."""
+    bounded = sorted(n for n in input_shapes if _BOUNDED.match(n))
+    if bounded:  # Optimum and onnxruntime-genai feed one K and one V per layer: the bounded pairs would be missing
+        raise ExportError("the graph keeps bounded span caches as their own inputs, which this runtime does not feed",
+                          value=bounded[0], fix="run it with chai_compile.export.OrtDecoder (as `chai-compile "
+                          "verify-artifact` does), or export a plan without span layers")
     layers: dict[int, dict[str, Any]] = {}
     for name, shape in input_shapes.items():
         m = _PAST.match(name)
