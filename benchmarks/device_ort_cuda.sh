@@ -39,6 +39,6 @@ print('llama7b exported')" >$W/l7b.log 2>&1 &
       *) echo "time smollm2|llama7b" >&2; exit 2 ;;
     esac
     python3 benchmarks/bench_ort_fused.py $dirs --dtype fp16 --provider cuda --batch 1,8,32 --past 512,2048,8192 \
-      --iters 50 --out "$OUT/$name.json" 2>&1 | grep -v Warning ;;
+      --iters 30 --out "$OUT/$name.json" 2>&1 | grep -v Warning ;;
   *) echo "usage: device_ort_cuda.sh build|export|time" >&2; exit 2 ;;
 esac

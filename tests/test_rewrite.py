@@ -148,6 +148,15 @@ def test_identity_smollm2(smollm2):
     assert max_diff(stepwise_logits(smollm2.model, ids, 20), got) <= 1e-4
 
 
+@needs_stories
+def test_adapter_reads_the_scale_from_a_rewritten_layer_zero(stories):
+    # Adapters read the softmax scale from layer 0; building later layers (and exporting) must not depend on
+    # layer 0 still being the Hugging Face module.
+    chai = apply_mapping(eager_copy(stories.model), identity_mapping(stories.model))
+    assert type(adapter_for(chai).attention(0)).__name__ != type(adapter_for(stories.model).attention(0)).__name__
+    assert adapter_for(chai).scaling() == adapter_for(stories.model).scaling()
+
+
 # ---- a real clustered mapping -----------------------------------------------------------------
 @needs_stories
 def test_clustered_mapping_smaller_and_equals_naive_reference(stories):

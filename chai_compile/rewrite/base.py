@@ -99,6 +99,12 @@ class ClusteredAttention(nn.Module):
     # Set by the rewrite on a layer that shared layers read: it hands its per-head probabilities over.
     publish: Any = None  # a shared.ProbabilityStore
 
+    @property
+    def scaling(self) -> float:
+        """The attribute Hugging Face attention modules carry: adapters read it from layer 0, which may already be
+        rewritten when a later layer is built."""
+        return self.scale
+
     def __init__(self, adapter: ModelAdapter, layer_index: int, num_clusters: int, num_kept: int) -> None:
         super().__init__()
         spec = adapter.spec
