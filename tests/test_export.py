@@ -265,6 +265,23 @@ def test_cli_one_line_error(tmp_path, mapping_file):
     assert r.exit_code == 2 and "opset 12 is too old" in r.output and len(r.output.strip().splitlines()) == 1
 
 
+def test_fp16_fused_export_without_a_cuda_provider_says_validation_was_skipped(tmp_path, mapping_file):
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from chai_compile.cli import main
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu validates float16 fused graphs on its CUDA provider")
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["export", str(STORIES), "--mapping", str(mapping_file), "--attention", "fused",
+                                  "--dtype", "fp16", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "validation skipped: float16 fused nodes run on ONNX Runtime's CUDA execution provider" in last
+    assert json.loads((out / "manifest.json").read_text())["validation"]["passed"] is None
+
+
 def test_artifact_files_are_hashed_in_the_manifest(portable):
     import hashlib
 
