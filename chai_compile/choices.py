@@ -89,6 +89,15 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DTYPE_SPELLINGS = tuple(name for short, long in DTYPE_ALIASES.items() for name in (long, short))
 
 
+class Rank(Choice):
+    """How the transform planner orders candidates. MEASURED: the KL each one adds, measured by a forward pass
+    (the default). PROFILE: the attention mass a span leaves out, from the long-context statistics alone (no
+    forward pass per candidate: minutes on a CPU instead of hours; span candidates only)."""
+
+    MEASURED = "measured"
+    PROFILE = "profile"
+
+
 class Transform(Choice):
     """What the planner may do to cut the KV cache. CHAI: drop K heads (clustered scores); SPAN: a KV head's
     cache becomes sinks + a recent window; SHARED: a layer reuses an earlier layer's probabilities (no K)."""

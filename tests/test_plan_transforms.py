@@ -187,6 +187,25 @@ def test_recall_windows_repeat_a_calibration_passage(stories):
     assert rec.sha256 != build_recall(tok, "builtin", samples=3, seq_len=101, seed=2).sha256
 
 
+def test_profile_ranked_span_plan_meets_the_target_without_measuring_candidates(tmp_path, monkeypatch):
+    from chai_compile.plan.select import Scorer
+
+    calls = []
+    measure = Scorer.measure
+    monkeypatch.setattr(Scorer, "measure", lambda self: calls.append(1) or measure(self))
+    out = tmp_path / "p"
+    res = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.3", "--transforms", "span",
+                                    "--rank", "profile", "--out", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    mapping = ClusterMapping.read(out / "plan.json")
+    report = json.loads((out / "plan_report.json").read_text())
+    assert report["planner"] == "profile-mass-spans" and report["target_met"]
+    assert kv_saving(mapping, 512) >= 0.3 - 1e-9
+    assert {lm.kind for lm in mapping.layers} <= {LayerKind.SPAN, LayerKind.DENSE}
+    assert len(calls) == 2  # the original and the chosen plan: no forward pass per candidate
+    assert report["rounds"][-1]["accepted"] and report["rounds"][-1]["kl"] > report["rounds"][0]["kl"]
+
+
 def test_shared_only_plan_writes_shared_layers(tmp_path):
     out = tmp_path / "p"
     res = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.1", "--transforms", "shared",
@@ -206,6 +225,8 @@ def test_shared_only_plan_writes_shared_layers(tmp_path):
     (["--kv-target", "0.6", "--transforms", "chai,shared"], "between 0 and 0.5"),
     (["--kv-target", "0.3", "--transforms", "span", "--refit", "all"], "--refit is for CHAI-only plans"),
     (["--kv-target", "0.2", "--recall-samples", "2"], "--recall-samples is for plans with spans"),
+    (["--kv-target", "0.3", "--transforms", "chai,span", "--rank", "profile"], "--rank profile orders span"),
+    (["--max-ppl-increase", "0.1", "--transforms", "span", "--rank", "profile"], "--rank profile plans to a"),
     (["--kv-target", "0.3", "--transforms", "span", "--recall-samples", "-1"], "--recall-samples must be 0 or more"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):

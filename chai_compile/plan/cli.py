@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from chai_compile.choices import BUILTIN_CALIBRATION, DType, Transform
+from chai_compile.choices import BUILTIN_CALIBRATION, DType, Rank, Transform
 from chai_compile.cli_parse import dtype_option
 from chai_compile.errors import ClusteringError, UsageError
 from chai_compile.placement_options import device_map_options, parsed
@@ -34,6 +34,9 @@ WEIGHTS_FILE = "plan.weights.safetensors"
               help="Offer a span only where every query head of its KV head keeps this much attention mass.")
 @click.option("--min-layer-similarity", default=0.5, show_default=True,
               help="Offer a shared layer only for sources at this head-mean similarity (1 - TV) or more.")
+@click.option("--rank", type=click.Choice(Rank.values()), default=Rank.MEASURED.value, show_default=True,
+              help="measured: KL of every candidate by a forward pass; profile: span candidates by the attention "
+                   "mass they leave out (no forward pass per candidate; --transforms span only).")
 @click.option("--recall-samples", type=int, default=None,
               help="Scoring windows that repeat a passage (far-reaching heads cost KL when bounded). "
                    "Default: 2 with span heads, else 0.")
@@ -64,7 +67,7 @@ WEIGHTS_FILE = "plan.weights.safetensors"
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory (must not exist).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def plan(model: str, kv_target: float | None, transforms: str, context: int | None, span_mass: float,
-         min_layer_similarity: float, recall_samples: int | None, max_ppl_increase: float | None, calib: str,
+         min_layer_similarity: float, rank: str, recall_samples: int | None, max_ppl_increase: float | None, calib: str,
          samples: int, refit_samples: int, seq_len: int | None, batch_size: int, per_round: int, refit: str | None,
          query_steps: int, distill_steps: int, distill_batch: int, distill_lr: float, dense_layers: str,
          seed: int, dtype: DType, device: str, device_map: str | None, max_memory: str | None,
@@ -81,7 +84,8 @@ def plan(model: str, kv_target: float | None, transforms: str, context: int | No
                        refit=Refit(refit or (Refit.ALL if chai_only else Refit.NONE)), query_steps=query_steps,
                        distill_steps=distill_steps, distill_batch=distill_batch, distill_lr=distill_lr, seed=seed,
                        transforms=chosen, context=context, span_mass=span_mass,
-                       min_layer_similarity=min_layer_similarity, recall_samples=recall_samples)
+                       min_layer_similarity=min_layer_similarity, recall_samples=recall_samples,
+                       rank=Rank(rank))
     opts.check()  # budget and sizes before anything heavy is imported or loaded
     placed = parsed(device_map, max_memory)
     with claim_output_dir(out_dir, overwrite) as claim:

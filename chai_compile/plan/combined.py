@@ -16,7 +16,7 @@ import torch
 
 from chai_compile import __version__
 from chai_compile.adapters import adapter_for
-from chai_compile.choices import LayerKind
+from chai_compile.choices import LayerKind, Rank, Transform
 from chai_compile.errors import ClusteringError
 from chai_compile.fingerprint import model_info
 from chai_compile.loading import LoadedModel
@@ -57,7 +57,9 @@ def plan_transforms(loaded: LoadedModel, opts: PlanOptions, progress: bool = Tru
     max_ppl = None if opts.max_ppl_increase is None else base_ppl * (1 + opts.max_ppl_increase)
     target = opts.kv_target if opts.kv_target is not None else 1.0
     with planning_modules(adapter) as mods:
-        errors = head_errors(model, mods, scoring, opts.batch_size)
+        # which kept head a head without its K borrows scores from: CHAI candidates only (a forward pass)
+        errors = head_errors(model, mods, scoring, opts.batch_size) if Transform.CHAI in opts.transforms else \
+            torch.zeros(spec.num_layers, spec.num_heads, spec.num_heads, dtype=torch.float64)
         sel = TransformSelector(mods, errors, stats, context=context, window=seq_len, transforms=opts.transforms,
                                 span_mass=opts.span_mass, min_similarity=opts.min_layer_similarity,
                                 frozen=opts.dense_layers)
@@ -68,13 +70,15 @@ def plan_transforms(loaded: LoadedModel, opts: PlanOptions, progress: bool = Tru
                 f"--transforms {','.join(opts.transforms)}: the best reachable is {100 * reachable:.1f}% KV saving",
                 fix=f"pass --kv-target {reachable:.3f} or less, add transforms, or lower --span-mass / "
                     "--min-layer-similarity")
-        steps = sel.run(scorer, target, opts.per_round, max_ppl, progress=progress)
+        steps = sel.run_profile(scorer, target, (base_kl, base_ppl)) if opts.rank == Rank.PROFILE else \
+            sel.run(scorer, target, opts.per_round, max_ppl, progress=progress)
         layers = [sel.layer_mapping(i) for i in range(spec.num_layers)]
     mapping = ClusterMapping.build(info, layers, _provenance(opts, calib, context))
     saving = kv_saving(mapping, context)
     kinds = {k.value: sum(lm.kind == k for lm in mapping.layers) for k in LayerKind}
     report = {
-        "model": info.architecture, "planner": "measured-kl-greedy-transforms",
+        "model": info.architecture,
+        "planner": "profile-mass-spans" if opts.rank == Rank.PROFILE else "measured-kl-greedy-transforms",
         "budget": {"kv_target": opts.kv_target, "max_ppl_increase": opts.max_ppl_increase, "context": context,
                    "transforms": [str(t) for t in opts.transforms]},
         "kv_cache_saving": saving, "target_met": opts.kv_target is None or saving >= opts.kv_target - 1e-9,

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import Any
 
-from chai_compile.choices import BUILTIN_CALIBRATION, Transform
+from chai_compile.choices import BUILTIN_CALIBRATION, Rank, Transform
 from chai_compile.errors import ClusteringError
 
 
@@ -46,6 +46,7 @@ class PlanOptions:
     # Scoring windows whose second half repeats the first (combined planner): they make far-reaching heads
     # costly to bound. None: 2 when spans are planned, else 0.
     recall_samples: int | None = None
+    rank: Rank = Rank.MEASURED  # PROFILE: spans ordered by the mass they leave out, no forward pass per candidate
 
     @property
     def combined(self) -> bool:
@@ -74,6 +75,14 @@ class PlanOptions:
         if self.combined and self.refit != Refit.NONE:
             raise ClusteringError("--refit is for CHAI-only plans; span and shared plans are not reconstructed yet",
                                   value=str(self.refit), fix="pass --refit none, or --transforms chai")
+        if self.rank == Rank.PROFILE and set(self.transforms) != {Transform.SPAN}:
+            raise ClusteringError("--rank profile orders span candidates only (CHAI and shared-layer candidates "
+                                  "need measured loss)", value=",".join(self.transforms),
+                                  fix="pass --transforms span, or --rank measured")
+        if self.rank == Rank.PROFILE and (self.kv_target is None or self.max_ppl_increase is not None):
+            raise ClusteringError("--rank profile plans to a --kv-target only (a perplexity bound needs measured "
+                                  "candidates)", value=self.max_ppl_increase,
+                                  fix="pass --kv-target F without --max-ppl-increase, or --rank measured")
         if self.recall_samples is not None and self.recall_samples < 0:
             raise ClusteringError("--recall-samples must be 0 or more", value=self.recall_samples,
                                   fix="pass e.g. --recall-samples 2")

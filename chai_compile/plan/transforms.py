@@ -174,6 +174,29 @@ class TransformSelector:
             freed += best
         return freed / self.native
 
+    def mass_lost(self, c: Candidate) -> float:
+        """Span candidates: the attention mass (profile statistic) the span leaves out, summed over the query
+        heads that read the KV head."""
+        heads = list(range(c.kv_head * self.group, (c.kv_head + 1) * self.group))  # type: ignore[operator]
+        a, b = self.stats.sinks.index(c.span.sinks), self.stats.windows.index(c.span.window)  # type: ignore[union-attr]
+        return float((1.0 - self.stats.span_mass[c.layer, heads, a, b]).sum())
+
+    def run_profile(self, scorer: Scorer, target: float, original: tuple[float, float]) -> list[Step]:
+        """Spans in order of mass left out per cached token freed, until the target; only the chosen plan is
+        measured (`original`: the (KL, perplexity) of the untouched model), no forward pass per candidate."""
+        steps = [Step(0.0, *original, [])]
+        ranked = sorted(((self.mass_lost(c) / max(self.tokens(c.layer) - self.tokens(c.layer, self.after(c)), 1), c)
+                         for c in self.candidates() if c.transform == Transform.SPAN), key=lambda x: x[0])
+        accepted = []
+        for _, c in ranked:
+            if self.saving() >= target - 1e-12:
+                break
+            self.apply(c)
+            accepted.append(c.describe())
+        kl, ppl = scorer.measure()
+        steps.append(Step(self.saving(), kl, ppl, accepted))
+        return steps
+
     # ---- the greedy rounds ----------------------------------------------------------------------
     def run(self, scorer: Scorer, target: float, per_round: int, max_ppl: float | None,
             progress: bool = True) -> list[Step]:
