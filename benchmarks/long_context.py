@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ppl-window", type=int, default=4096, help="Perplexity window (capped at the model).")
     ap.add_argument("--kv-context", default="4096,8192")
     ap.add_argument("--limit", type=int, default=20, help="Passkey items and perplexity windows.")
+    ap.add_argument("--ppl-limit", type=int, default=None, help="Perplexity windows, when fewer than --limit.")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ppl = dataclasses.replace(load_task("wikitext2-4k", data_dir=args.data_dir), window=args.ppl_window)
     plans, skipped = _plans(args, loaded, min(max(lengths), positions), out)
     result = compare_loaded(loaded, plans, [passkey, ppl], limit=args.limit, batch_size=args.batch_size,
+                            task_limits=None if args.ppl_limit is None else {ppl.name: args.ppl_limit},
                             kv_context=kv_context, log=_log)
     result = {"model": args.model, "settings": {k: v for k, v in vars(args).items() if k != "plans"},
               "plans": [str(p) for p in args.plans], "skipped": skipped, **result}

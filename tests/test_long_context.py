@@ -137,6 +137,15 @@ def test_long_window_ppl_with_a_short_window(stories):
     assert "wikitext2-4k" not in ALL_TASKS and "passkey" not in ALL_TASKS
 
 
+def test_task_limits_override_the_limit_for_the_tasks_they_name(stories):
+    from chai_compile.verify.compare import compare_loaded
+
+    ppl = dataclasses.replace(load_task("wikitext2-4k", data_dir=EVAL), window=64)
+    passkey = load_task("passkey", passkey_lengths=(256,))
+    res = compare_loaded(stories, [], [passkey, ppl], limit=5, task_limits={"wikitext2-4k": 2}, batch_size=4)
+    assert res["original"]["tasks"]["passkey"]["n"] == 5 and res["original"]["tasks"]["wikitext2-4k"]["n"] == 2
+
+
 # ---- KV bytes and the StreamingLLM baseline -----------------------------------------------------
 
 def test_kv_bytes_at_stated_contexts(stories):

@@ -129,6 +129,7 @@ def compare_loaded(
     *,
     membership: Membership = Membership.STATIC,
     limit: int | None = None,
+    task_limits: dict[str, int] | None = None,
     batch_size: int = 8,
     window: int | None = None,
     stride: int | None = None,
@@ -139,6 +140,7 @@ def compare_loaded(
 ) -> dict[str, Any]:
     """Evaluate the original once and each mapping's CHAI model on the same requests; `kv_context` adds
     the cache bytes measured after a prefill of each stated length (refused above the model's positions).
+    `task_limits` overrides `limit` for the tasks it names (long-window perplexity costs far more per window).
 
     Returns {"original": {...}, "points": [one per mapping]}, JSON-serialisable.
     """
@@ -149,7 +151,7 @@ def compare_loaded(
     for _, m in mappings:  # fail before any expensive work
         check_mapping(model, m)
     check_lengths(kv_context, model_max_length(model), "--kv-context", UsageError)
-    prepared = [prepare(t, tok, model, limit, window, stride) for t in tasks]
+    prepared = [prepare(t, tok, model, (task_limits or {}).get(t.name, limit), window, stride) for t in tasks]
     kinds = {t.name: t.kind for t in tasks}
     kv_tokens = max(1, min(kv_tokens, model_max_length(model)))
 
