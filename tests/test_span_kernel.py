@@ -131,13 +131,14 @@ def test_span_decode_matches_float64_reference(case, launches):
         assert launches["torch"] == length - (2 + 4)
 
 
-def tiny(num_kv: int, spans: tuple[Span | None, ...], dtype: torch.dtype, device: str):
-    """Two layers (dense, span), 4 heads of size 16, eager attention (a 4D mask every step)."""
+def tiny(num_kv: int, spans: tuple[Span | None, ...], dtype: torch.dtype, device: str, attn: str = "eager"):
+    """Two layers (dense, span), 4 heads of size 16. Eager attention hands a 4D mask every step, sdpa none
+    without padding."""
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=num_kv, vocab_size=97, max_position_embeddings=64)
     model = LlamaForCausalLM(cfg).eval()
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation(attn)
     info = model_info(adapter_for(model))
     plan = ClusterMapping.build(info, [LayerMapping(0, LayerKind.DENSE), LayerMapping(1, LayerKind.SPAN, spans=spans)])
     return apply_mapping(model, plan).to(device, dtype)
@@ -164,16 +165,18 @@ MODELS = [("mha", 4, (S(1, 3), None, S(0, 4), S(1, 3))), ("gqa", 2, (S(1, 3), S(
 
 
 @needs_kernel
+@pytest.mark.parametrize("attn, pad", [("eager", 2), ("sdpa", 0)])
 @pytest.mark.parametrize("num_kv, spans", [m[1:] for m in MODELS], ids=[m[0] for m in MODELS])
-def test_decode_loop_on_kernel_equals_torch_path(num_kv, spans, launches, monkeypatch):
-    """fp32 on the kernel (forced: the model path takes it for CUDA fp16/bf16) against the torch path,
-    left-padded rows, the rings wrapped after 4-5 tokens."""
+def test_decode_loop_on_kernel_equals_torch_path(num_kv, spans, attn, pad, launches, monkeypatch):
+    """fp32 on the kernel (forced: the model path takes it for CUDA fp16/bf16) against the torch path, the
+    rings wrapped after 4-5 tokens: eager with a left-padded row (full groups check their slots), sdpa
+    without padding (no mask: no check)."""
     monkeypatch.setattr(SpanAttention, "_on_kernel", lambda self, q: self.use_kernels)
-    model = tiny(num_kv, spans, torch.float32, DEV)
+    model = tiny(num_kv, spans, torch.float32, DEV, attn)
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 97, (2, 5), generator=gen).to(DEV)
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    mask[1, :pad] = 0
     tokens = torch.randint(3, 97, (2, 5), generator=gen).to(DEV)
     set_kernels(model, False)
     want = forced_logits(model, ids, mask, tokens)
@@ -187,15 +190,18 @@ def test_decode_loop_on_kernel_equals_torch_path(num_kv, spans, launches, monkey
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRITON), reason="needs CUDA and triton")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attn, padded", [("eager", True), ("sdpa", False)])
 @pytest.mark.parametrize("num_kv, spans", [m[1:] for m in MODELS], ids=[m[0] for m in MODELS])
-def test_decode_loop_on_kernel_cuda_half(num_kv, spans, dtype, launches):
-    """The model path itself (no forcing): CUDA fp16/bf16 decode on the kernel against the torch path."""
-    model = tiny(num_kv, spans, dtype, "cuda")
+def test_decode_loop_on_kernel_cuda_half(num_kv, spans, attn, padded, dtype, launches):
+    """The model path itself (no forcing): CUDA fp16/bf16 decode on the kernel against the torch path, then
+    generate() with left padding."""
+    model = tiny(num_kv, spans, dtype, "cuda", attn)
     gen = torch.Generator().manual_seed(5)
     ids = torch.randint(3, 97, (3, 9), generator=gen).cuda()
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :8] = 0
+    if padded:
+        mask[1, :3] = 0
+        mask[2, :8] = 0
     tokens = torch.randint(3, 97, (3, 12), generator=gen).cuda()
     set_kernels(model, False)
     want = forced_logits(model, ids, mask, tokens)
@@ -205,3 +211,6 @@ def test_decode_loop_on_kernel_cuda_half(num_kv, spans, dtype, launches):
     tol = 2e-2 if dtype == torch.float16 else 6e-2  # logits of ~1: a few units of the last place
     diffs = [(g.float() - w.float()).abs().max().item() for g, w in zip(got, want, strict=True)]
     assert max(diffs) < tol, diffs
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape == (3, 9 + 12)
