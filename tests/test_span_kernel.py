@@ -87,6 +87,8 @@ CASES = [
     ("gqa-full-sinks-padded", (None, S(2, 3), S(2, 3), S(2, 3)), 2, ("1" * 10, "00" + "1" * 8), 4, True, False),
     # A padding slot after real ones: the full group cannot use row arithmetic and takes torch.
     ("mha-hole", (S(0, 3), S(2, 3), S(1, 5), None), 4, ("1" * 10, "0011011111"), 5, True, False),
+    # A padding token in the decode (its row is not compared): the same from then on.
+    ("mha-padding-step", (S(0, 3), S(2, 3), S(1, 5), None), 4, ("1" * 10, "0111101111"), 4, True, False),
 ]
 
 
