@@ -9,12 +9,14 @@ tokens, the current one included, query index n - 1):
 * bounded group (S sinks, W window, capacity S + W): while n <= S + W, row r holds real token r (rows
   n.. not filled yet), so a head (s, w) reads rows [0, s) and [n - w, n): sinks s, span (max(n - w, 0), n).
   Past that the ring holds the last W tokens in rotated order: a head with the group's whole window
-  reads every ring row, span (S, S + W). A head with a narrower window then reads a range that wraps
-  around the ring's end: two row ranges, which one launch cannot express, so it runs on torch.
+  reads every ring row, span (S, S + W). A head with a narrower window reads ring rows that may wrap
+  around the ring's end: two row ranges, which one launch cannot express, so it runs on torch once any
+  sequence may have passed S + W tokens (the layer's slot count, known on the host, says when).
 * full group (every slot, T rows, padding included): with left padding, row t holds real token
   t - (T - n), so a full head reads rows [T - n, T) and a head (0, w) rows [T - min(w, n), T). A head
-  with sinks > 0 needs its sinks at rows [0, s), so only sequences without padding; a padding slot
-  after a real one (a mask with holes) breaks the row arithmetic altogether. Both take torch.
+  with sinks s > 0 reads rows [T - n, T - n + s) as its sinks, which are the kernel's rows [0, s) only
+  when no sequence has padding; a padding slot after a real one (a mask with holes) breaks the row
+  arithmetic altogether. Both take torch (what the slots hold is checked on the host when a mask is given).
 
 A sequence whose current token is padding gets lengths 0: zeros, the kernels' masked-row rule (the torch
 path writes the mean of V there); nothing reads that row.
