@@ -10,6 +10,9 @@ one. Each query row's allowed keys come from the real index stored beside every 
 with i, j real-token indices (left padding has index -1 and is never attended). Scores are fp32 with
 the fp32 minimum on masked entries, as the other rewritten layers, so a padding query row gets uniform
 weights rather than NaN.
+
+On CUDA in fp16/bf16 a decode step (one token per sequence) runs on the Triton decode kernel over the
+cache as stored (span_kernel.py says which heads it can take); prefill, CPU and fp32 take this torch path.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from chai_compile.mapping import LayerMapping, Span
 from chai_compile.rewrite.base import ClusteredAttention, RewriteError, owned_linear
 from chai_compile.rewrite.dynamic import _valid_keys
 from chai_compile.rewrite.span_cache import HeadGroup, SpanCacheLayer
+from chai_compile.rewrite.span_kernel import SpanClass, span_classes, span_decode
+from chai_compile.rewrite.static import _HALF, _kernels
 
 
 def head_groups(spans: tuple[Span | None, ...], num_kv_heads: int) -> tuple[HeadGroup, ...]:
@@ -54,6 +59,8 @@ class SpanAttention(ClusteredAttention):
         self.k_proj = owned_linear(p.k_weight, p.k_bias)
         self.spans = layer.spans
         self.groups = head_groups(layer.spans, spec.num_kv_heads)
+        self.use_kernels = True  # tests and benchmarks switch the CUDA decode kernel off to compare paths
+        self._classes: dict[torch.device, tuple[SpanClass, ...]] = {}  # the kernel's tables, per device
         big = torch.iinfo(torch.int64).max // 4  # "no limit" for a full head, far from overflow
         sinks = [0 if sp is None else sp.sinks for sp in layer.spans]
         window = [big if sp is None else sp.window for sp in layer.spans]
@@ -119,6 +126,8 @@ class SpanAttention(ClusteredAttention):
         valid = _valid_keys(mask, b, s, x.device)
         index = torch.where(valid, real[:, None] + valid.long().cumsum(1) - 1, -1)  # [B, S] real index
         real_after = real + valid.long().sum(1)
+        if s == 1 and layer is not None and self._on_kernel(q):
+            return self._kernel_decode(q, k, v, layer, index, real_after, padded=mask is not None)
         out = x.new_empty(b, self.num_heads, s, d)
         for i in range(len(self.groups)):
             kvs, heads = getattr(self, f"kv_heads_{i}"), getattr(self, f"q_heads_{i}")
@@ -134,6 +143,24 @@ class SpanAttention(ClusteredAttention):
         if layer is not None:
             layer.advance(real_after, s)
         return out
+
+    def _kernel_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: SpanCacheLayer,
+                       index: torch.Tensor, real_after: torch.Tensor, padded: bool) -> torch.Tensor:
+        """One decode step on the Triton kernel (span_kernel.py), which reads the cache as stored: the
+        current token is stored first."""
+        for i in range(len(self.groups)):
+            kvs = getattr(self, f"kv_heads_{i}")
+            layer.store(i, k.index_select(1, kvs), v.index_select(1, kvs), index, real_after, 1)
+        layer.advance(real_after, 1)
+        classes = self._classes.get(q.device)
+        if classes is None:
+            classes = self._classes[q.device] = span_classes(self.spans, self.groups, self.group, q.device)
+        return span_decode(q[:, :, 0], layer, classes, index[:, 0], real_after, self.scale, padded).unsqueeze(2)
+
+    def _on_kernel(self, q: torch.Tensor) -> bool:
+        """Decode on the Triton kernel: CUDA, fp16/bf16, as static layers (tl.dot needs a head size >= 16)."""
+        return (self.use_kernels and q.is_cuda and q.dtype in _HALF and self.head_dim >= 16
+                and _kernels() is not None)
 
     def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_index: torch.Tensor,
                          query_index: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
