@@ -8,7 +8,6 @@ The GPU tests also run on the CPU under the Triton interpreter: TRITON_INTERPRET
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -23,14 +22,8 @@ from chai_compile.kernels import (
     clustered_prefill,
     clustered_prefill_reference,
 )
+from tests.kernel_device import DEV, needs_kernel
 
-if torch.cuda.is_available() and HAS_TRITON:
-    DEV = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
-    DEV = None
-needs_kernel = pytest.mark.skipif(DEV is None, reason="needs CUDA and triton (or TRITON_INTERPRET=1)")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -10,8 +10,6 @@ needs CUDA.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -26,14 +24,8 @@ from chai_compile.mapping import ClusterMapping, LayerMapping, Span
 from chai_compile.rewrite import apply_mapping, span_kernel
 from chai_compile.rewrite.span import SpanAttention, head_groups
 from chai_compile.rewrite.span_cache import SpanCacheLayer
+from tests.kernel_device import DEV, needs_kernel
 
-if torch.cuda.is_available() and HAS_TRITON:
-    DEV = "cuda"
-elif HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
-    DEV = "cpu"
-else:
-    DEV = None
-needs_kernel = pytest.mark.skipif(DEV is None, reason="needs CUDA and triton (or TRITON_INTERPRET=1)")
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
 
 D = 16  # the smallest head size the kernels take (tl.dot)
