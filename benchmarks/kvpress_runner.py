@@ -42,12 +42,36 @@ def _press(name: str, ratio: float, kwargs: dict[str, Any]) -> Any:
     return getattr(kvpress, name)(compression_ratio=ratio, **kwargs)
 
 
-def memo_key(press: str, ratio: float, kwargs: dict[str, Any], item: int) -> tuple[str, float, str, int]:
-    """Runs that ask for the same compression of the same item share one result: a scorer press at ratio 0
-    returns the cache untouched (ScorerPress.compress), so it is the uncompressed control."""
+def n_kept(context_tokens: int, ratio: float) -> int:
+    """Tokens a scorer press keeps per KV head: kvpress 0.5.5's utils.compute_n_kept (copied so the tests
+    run without kvpress; run_item checks it against the cache kvpress really kept)."""
+    return 0 if ratio >= 1.0 else max(1, int(context_tokens * (1 - ratio)))
+
+
+def memo_key(press: str, ratio: float, kwargs: dict[str, Any], item: int,
+             context_tokens: int) -> tuple[str, int, str, int]:
+    """Runs that compress the same item to the same kept count with the same press share one result: the
+    five scorer presses used here depend on the ratio only through that count (StreamingLLMPress's pruned
+    span is context - kept too), and ratio 0 returns the cache untouched (ScorerPress.compress), i.e. the
+    uncompressed control. So e.g. ratio 0.4 and 0.4001 at 4096 tokens, which keep the same count, run once."""
     if ratio == 0.0:
-        return ("none", 0.0, "{}", item)
-    return (press, ratio, json.dumps(kwargs, sort_keys=True), item)
+        return ("none", context_tokens, "{}", item)
+    return (press, n_kept(context_tokens, ratio), json.dumps(kwargs, sort_keys=True), item)
+
+
+def near_key(done: dict[tuple[str, int, str, int], Any], key: tuple[str, int, str, int]) -> Any:
+    """A run already done for this press and item keeping the same count, or one token more or fewer (e.g.
+    the plan's measured saving 0.4001 and the fixed ratio 0.4 at 4096 tokens keep 2447 and 2448 of 4080):
+    not worth a second prefill on a 2-core CPU. The reused row records the difference (kept_diff)."""
+    if key in done:
+        return key
+    if key[0] == "none":
+        return None
+    for d in (-1, 1):
+        other = (key[0], key[1] + d, key[2], key[3])
+        if other in done:
+            return other
+    return None
 
 
 def _kept(cache: Any) -> list[int]:
@@ -109,12 +133,17 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for k, it in enumerate(job["items"]):
             ratio = run["ratios"][str(it["length"])] if "ratios" in run else run.get("ratio", 0.0)
-            key = memo_key(run["press"], ratio, run.get("kwargs", {}), k)
-            if key in done:  # the same press, ratio and item ran already (ratio 0 is no press): same result
-                row = {**done[key], "reused": True}
+            key = memo_key(run["press"], ratio, run.get("kwargs", {}), k, len(it["context_ids"]))
+            near = near_key(done, key)
+            if near is not None:  # the same compression of the same item ran already (to one kept token)
+                row = {**done[near], "reused": True, "kept_diff": near[1] - key[1]}
             else:
                 press = _press(run["press"], ratio, run.get("kwargs", {}))
                 row = done[key] = run_item(model, press, it["context_ids"], it["question_ids"], it["answer_ids"])
+                row["ratio_run"] = ratio
+                if ratio > 0 and set(row["kept_after_context"]) != {key[1]}:
+                    raise RuntimeError(f"kvpress kept {sorted(set(row['kept_after_context']))} tokens, "
+                                       f"expected {key[1]}: the result sharing assumption does not hold")
             rows.append({"length": it["length"], "ratio": ratio, **row})
             print(f"kvpress_runner: {run['label']} item {k + 1}/{len(job['items'])} @{it['length']} "
                   f"ratio {ratio:.4f}: {'hit' if row['hit'] else 'miss'} ({row['wall_s']:.1f} s"

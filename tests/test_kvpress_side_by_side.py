@@ -93,10 +93,18 @@ def test_summaries_count_hits_and_the_cache_really_kept():
 
 
 def test_runner_shares_results_of_the_same_compression_only():
-    assert runner.memo_key("SnapKVPress", 0.0, {}, 3) == runner.memo_key("none", 0.0, {}, 3)
-    assert runner.memo_key("SnapKVPress", 0.4, {}, 3) != runner.memo_key("KnormPress", 0.4, {}, 3)
-    assert runner.memo_key("SnapKVPress", 0.4, {}, 3) != runner.memo_key("SnapKVPress", 0.4, {}, 4)
-    assert runner.memo_key("SnapKVPress", 0.4, {"window_size": 8}, 3) != runner.memo_key("SnapKVPress", 0.4, {}, 3)
+    key = runner.memo_key
+    assert key("SnapKVPress", 0.0, {}, 3, 1000) == key("none", 0.0, {}, 3, 1000)  # ratio 0 = no press
+    assert key("SnapKVPress", 0.4, {}, 3, 100) == key("SnapKVPress", 0.3996, {}, 3, 100)  # both keep 60
+    assert key("SnapKVPress", 0.4, {}, 3, 4080) != key("SnapKVPress", 0.41, {}, 3, 4080)
+    assert key("SnapKVPress", 0.4, {}, 3, 4080) != key("KnormPress", 0.4, {}, 3, 4080)
+    assert key("SnapKVPress", 0.4, {}, 3, 4080) != key("SnapKVPress", 0.4, {}, 4, 4080)
+    assert key("SnapKVPress", 0.4, {"window_size": 8}, 3, 4080) != key("SnapKVPress", 0.4, {}, 3, 4080)
+    done = {key("SnapKVPress", 0.4001, {}, 3, 4080): {}}  # keeps 2447
+    assert runner.near_key(done, key("SnapKVPress", 0.4, {}, 3, 4080)) == ("SnapKVPress", 2447, "{}", 3)
+    assert runner.near_key(done, key("SnapKVPress", 0.39, {}, 3, 4080)) is None
+    assert runner.near_key(done, key("KnormPress", 0.4, {}, 3, 4080)) is None
+    assert runner.n_kept(4080, 0.4) == 2448 and runner.n_kept(3, 0.9) == 1 and runner.n_kept(10, 1.0) == 0
 
 
 def test_missing_kvpress_python_stops_in_one_line(tmp_path):
