@@ -19,7 +19,7 @@ wraps it in SmolLM2's chat template), which would change the token ids. Scoring:
 greedy tokens equal the answer's token ids (the same criterion as chai-compile's teacher-forced argmax).
 
 Job JSON: {"model_dir", "items": [{"length", "context_ids", "question_ids", "answer_ids"}],
-"runs": [{"label", "press", "ratio" or "ratios": {length: ratio}, "kwargs"}], "threads"}.
+"runs": [{"label", "press", "ratio" or "ratios": {length: ratio}, "kwargs"}], "threads", "reuse": [[key, row]]}.
 Result JSON: per run, per item: hit, context tokens, cache tokens kept per layer after the context and after
 the question, wall time; plus the versions used.
 """
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32,
                                                  attn_implementation="sdpa").eval()
     runs = []
-    done: dict[tuple[str, float, str, int], dict[str, Any]] = {}
+    # results of an earlier run on the same items (the job's "reuse": [key, row] pairs), then this run's
+    done: dict[tuple[str, int, str, int], dict[str, Any]] = {tuple(k): r for k, r in job.get("reuse", [])}
     for run in job["runs"]:
         t0 = time.perf_counter()
         rows = []

@@ -144,6 +144,27 @@ def kvpress_job(model_dir: str, requests: Sequence[Any], lengths: Sequence[int],
     return {"model_dir": model_dir, "items": items, "runs": runs, "threads": threads}
 
 
+def reusable_rows(raw: dict[str, Any], items: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """[memo key, row] for every result an earlier runner computed itself (not reused), keyed as
+    kvpress_runner.memo_key does, after checking that item i has the same length and context size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kvpress_runner", RUNNER)
+    runner = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(runner)  # type: ignore[union-attr]
+    out = []
+    for run in raw["runs"]:
+        for i, row in enumerate(run["items"]):
+            if row.get("reused") or "ratio_run" not in row:
+                continue
+            if (row["length"], row["context_tokens"]) != (items[i]["length"], len(items[i]["context_ids"])):
+                raise ValueError(f"--reuse: item {i} differs from the earlier run's")
+            key = runner.memo_key(run["press"], row["ratio_run"], run.get("kwargs", {}), i, row["context_tokens"])
+            clean = {k: v for k, v in row.items() if k not in ("length", "ratio")}
+            out.append([list(key), clean])
+    return out
+
+
 def kvpress_summary(run: dict[str, Any], lengths: Sequence[int]) -> dict[str, Any]:
     """Keys found per length and the cache kvpress really kept: the saving after the context (pruned tokens /
     context tokens) and once the question is in (what the answer is decoded from)."""
@@ -239,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hf-dir", default=None,
                     help="Hugging Face folder kvpress loads (default: the folder chai-compile loaded).")
     ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default).")
+    ap.add_argument("--reuse", default=None,
+                    help="An earlier kvpress_side_by_side.json on the same items: its original, plans of the same "
+                         "label and hash, and kvpress results of the same press and kept count are not rerun.")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -286,10 +310,23 @@ def main(argv: list[str] | None = None) -> None:
         splan.write(out / "streaming.json")
         plans.append((f"StreamingLLM plan (s{args.sinks}, w{window})", splan))
     prepared = prepare(task, loaded.tokenizer, loaded.model)
-    result: dict[str, Any] = {"original": score_point(loaded, prepared, None, "original", lengths, None),
-                              "points": []}
+    prev = json.loads(Path(args.reuse).read_text()) if args.reuse else None
+    if prev is not None and (prev["model"], prev["lengths"], prev["per_length"]) != (args.model, list(lengths),
+                                                                                     args.per_length):
+        raise SystemExit(f"kvpress_side_by_side: --reuse {args.reuse} scored other items (model, lengths or "
+                         "per-length differ)")
+    if prev is not None:  # the same generator, model and selection: the same items, already scored
+        _log(f"reusing the original and the plans of the same label and plan hash from {args.reuse}")
+        result: dict[str, Any] = {"original": prev["chai"]["original"], "points": []}
+    else:
+        result = {"original": score_point(loaded, prepared, None, "original", lengths, None), "points": []}
+    old_points = {(p["label"], p.get("plan_sha256")): p for p in (prev["chai"]["points"] if prev else [])}
     for label, plan in plans:
-        result["points"].append(score_point(loaded, prepared, plan, label, lengths, result["original"]["kv_context"]))
+        point = old_points.get((label, plan.plan_sha256()))
+        if point is None:
+            point = score_point(loaded, prepared, plan, label, lengths, result["original"]["kv_context"])
+            point["plan_sha256"] = plan.plan_sha256()
+        result["points"].append(point)
     chai_s = time.perf_counter() - t0
 
     pairs, facts = build_prompts(prepared.items, loaded.tokenizer, prepared.meta["max_length"], True)
@@ -298,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     equal = equal_saving_ratios(result["points"][0]["kv_context"]) if plans else None
     runs = kvpress_runs(presses, equal, ratios, plans[0][0] if plans else "")
     job = kvpress_job(model_dir, prepared.requests, item_lengths, heads, runs, args.threads)
+    if prev is not None:
+        job["reuse"] = reusable_rows(prev["kvpress_raw"], job["items"])
+        _log(f"{len(job['reuse'])} kvpress results reused from {args.reuse}")
     (out / "kvpress_job.json").write_text(json.dumps(job))
     t0 = time.perf_counter()
     _log(f"running {len(runs)} kvpress runs x {len(job['items'])} items with {args.kvpress_python}")

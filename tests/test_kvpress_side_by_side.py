@@ -107,6 +107,21 @@ def test_runner_shares_results_of_the_same_compression_only():
     assert runner.n_kept(4080, 0.4) == 2448 and runner.n_kept(3, 0.9) == 1 and runner.n_kept(10, 1.0) == 0
 
 
+def test_reused_rows_are_keyed_like_the_runner_and_checked_against_the_items():
+    raw = {"runs": [{"press": "none", "items": [
+                        {"length": 256, "ratio": 0.0, "ratio_run": 0.0, "context_tokens": 240, "hit": True}]},
+                    {"press": "SnapKVPress", "items": [
+                        {"length": 256, "ratio": 0.4, "ratio_run": 0.4, "context_tokens": 240, "hit": False}]},
+                    {"press": "KnormPress", "items": [
+                        {"length": 256, "ratio": 0.0, "ratio_run": 0.0, "context_tokens": 240, "reused": True}]}]}
+    items = [{"length": 256, "context_ids": [0] * 240}]
+    got = sbs.reusable_rows(raw, items)
+    assert got == [[["none", 240, "{}", 0], {"ratio_run": 0.0, "context_tokens": 240, "hit": True}],
+                   [["SnapKVPress", 144, "{}", 0], {"ratio_run": 0.4, "context_tokens": 240, "hit": False}]]
+    with pytest.raises(ValueError, match="item 0 differs"):
+        sbs.reusable_rows(raw, [{"length": 256, "context_ids": [0] * 239}])
+
+
 def test_missing_kvpress_python_stops_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         sbs.main(["smollm2-135m", "--kvpress-python", str(tmp_path / "nope" / "python"), "--out", str(tmp_path)])
