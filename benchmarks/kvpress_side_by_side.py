@@ -12,7 +12,7 @@ docs/long-context.md for how it was made). This script runs in chai-compile's en
 2. measures each plan's KV saving at every length (cache bytes after a prefill of that many tokens, checked
    against the plan's prediction, as verify's --kv-context does),
 3. writes a job JSON with the same token ids, split into context / question / answer, and the compression
-   ratios: per length the first plan's measured saving there (equal KV saving), plus the fixed `--ratios`,
+   ratios: per length each plan's measured saving there (equal KV saving), plus the fixed `--ratios`,
 4. runs benchmarks/kvpress_runner.py with the kvpress python (it imports no chai_compile) and reads back
    per item hit or miss and the cache tokens kvpress really kept, and
 5. writes kvpress_side_by_side.json, kvpress_side_by_side.md and passkey_vs_length.png under --out.
@@ -120,14 +120,13 @@ def predicted_saving(plan: Any, tokens: int) -> float:
     return 1.0 - sum(k + v for k, v in plan.cache_bytes(tokens, 1)) / dense
 
 
-def kvpress_runs(presses: Sequence[str], equal: dict[str, float] | None, ratios: Sequence[float],
-                 equal_label: str) -> list[dict[str, Any]]:
-    """The runner's runs: the uncompressed control, every press at the plan's saving per length, and every
-    press at each fixed ratio."""
+def kvpress_runs(presses: Sequence[str], equal: Sequence[tuple[str, dict[str, float]]],
+                 ratios: Sequence[float]) -> list[dict[str, Any]]:
+    """The runner's runs: the uncompressed control, every press at each plan's saving per length (equal:
+    (plan label, {length: ratio}) pairs), and every press at each fixed ratio."""
     runs: list[dict[str, Any]] = [{"label": "kvpress: no press (control)", "press": "none", "ratio": 0.0}]
     for p in presses:
-        if equal is not None:
-            runs.append({"label": f"{p} @ saving of {equal_label}", "press": p, "ratios": equal})
+        runs += [{"label": f"{p} @ saving of {label}", "press": p, "ratios": r} for label, r in equal]
         runs += [{"label": f"{p} @ {r:g}", "press": p, "ratio": r} for r in ratios]
     return runs
 
@@ -181,7 +180,8 @@ def kvpress_summary(run: dict[str, Any], lengths: Sequence[int]) -> dict[str, An
                       "acc": sum(r["hit"] for r in rows) / len(rows),
                       "ratio": rows[0]["ratio"],
                       "saving_context_pct": round(100 * (1 - kept_c / ctx), 2),
-                      "saving_at_question_pct": round(100 * (1 - kept_q / full_q), 2)}
+                      "saving_at_question_pct": round(100 * (1 - kept_q / full_q), 2),
+                      "shared_items": sum(bool(r.get("reused")) for r in rows)}
     return by
 
 
@@ -213,9 +213,13 @@ def markdown(result: dict[str, Any]) -> str:
     v = result["kvpress_versions"]
     lines += ["", "Saving: chai-compile rows, the KV-cache bytes saved after a prefill of that many tokens (measured); "
               "kvpress rows, the cache tokens pruned once the question is in (measured from the cache kvpress "
-              f"kept; the press's ratio applies to the context only). kvpress {v.get('kvpress')}, transformers "
+              "kept; the press's ratio applies to the context only). A kvpress item that asks for the same press "
+              "and kept count (to one token) as one already run shares its result (`reused` in the JSON; ratio 0 "
+              f"is the control). kvpress {v.get('kvpress')}, transformers "
               f"{v.get('transformers')}, torch {v.get('torch')}; chai-compile side: transformers "
               f"{result['chai_versions']['transformers']}, torch {result['chai_versions']['torch']}.",
+              "Control: kvpress's uncompressed path finds the same keys as chai-compile's original on every item: "
+              + ("yes." if result["control_matches_original"] else f"NO (items {result['control_mismatches']})."),
               f"Wall time: chai-compile side {result['wall_s']['chai']:.0f} s, kvpress side "
               f"{result['wall_s']['kvpress']:.0f} s."]
     return "\n".join(lines) + "\n"
@@ -247,7 +251,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--plans", nargs="*", default=[], help="Plan files; the first one sets kvpress's equal saving.")
+    ap.add_argument("--plans", nargs="*", default=[], help="Plan files; kvpress runs at each one's measured saving.")
     ap.add_argument("--streaming-saving", default=None,
                     help="Add the in-project StreamingLLM plan saving this fraction at the longest length, "
                          "or 'match' for the first plan's measured saving there.")
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     plans = collect_mappings(args.plans) if args.plans else []
+    n_given = len(plans)
     if args.streaming_saving is not None:
         longest = max(lengths)
         if args.streaming_saving == "match":
@@ -332,8 +337,11 @@ def main(argv: list[str] | None = None) -> None:
     pairs, facts = build_prompts(prepared.items, loaded.tokenizer, prepared.meta["max_length"], True)
     heads = [_encode(loaded.tokenizer, prompt[: -len(QUESTION)]) for prompt, _ in pairs]
     item_lengths = facts["_item_lengths"]
-    equal = equal_saving_ratios(result["points"][0]["kv_context"]) if plans else None
-    runs = kvpress_runs(presses, equal, ratios, plans[0][0] if plans else "")
+    # every given plan sets one equal-saving run per press (the in-project StreamingLLM plan, added last,
+    # matches the first plan's saving at the longest length and has no kvpress run of its own)
+    equal = [(label, equal_saving_ratios(p["kv_context"]))
+             for (label, _), p in zip(plans[:n_given], result["points"], strict=True)]
+    runs = kvpress_runs(presses, equal, ratios)
     job = kvpress_job(model_dir, prepared.requests, item_lengths, heads, runs, args.threads)
     if prev is not None:
         job["reuse"] = reusable_rows(prev["kvpress_raw"], job["items"])

@@ -67,7 +67,7 @@ def test_predicted_saving_matches_the_streaming_window():
 
 def test_job_hands_kvpress_the_same_token_ids():
     reqs = [Request((1, 2, 3, 4, 5), (6, 7)), Request((1, 2, 9, 4), (8,))]
-    runs = sbs.kvpress_runs(["SnapKVPress"], {"256": 0.1}, [0.4], "plan")
+    runs = sbs.kvpress_runs(["SnapKVPress"], [("plan", {"256": 0.1})], [0.4])
     job = json.loads(json.dumps(sbs.kvpress_job("/m", reqs, [256, 256], [[1, 2, 3], [1, 2]], runs, 1)))
     for it, r in zip(job["items"], reqs, strict=True):
         assert it["context_ids"] + it["question_ids"] == list(r.context)
@@ -85,7 +85,7 @@ def test_summaries_count_hits_and_the_cache_really_kept():
          "kept_after_question": [60, 60]}]}
     by = sbs.kvpress_summary(run, [512, 1024])
     assert by == {"512": {"hits": 1, "n": 2, "acc": 0.5, "ratio": 0.5, "saving_context_pct": 50.0,
-                          "saving_at_question_pct": 45.45}}
+                          "saving_at_question_pct": 45.45, "shared_items": 0}}
     tasks = {"passkey": {"predictions": [1, 0, 1]}}
     got = sbs.chai_summary(tasks, [512, 512, 1024], [{"context": 512, "saving_pct": 10.0}], [512, 1024])
     assert got["512"] == {"hits": 1, "n": 2, "acc": 0.5, "saving_pct": 10.0}
