@@ -228,7 +228,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     from chai_compile.verify.report import _figure
 
-    fig = _figure(8.0, 4.6)
+    fig = _figure(11.0, 4.6)
     ax = fig.subplots()
     lengths = result["lengths"]
     for row in result["table"]:
@@ -243,7 +243,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy (greedy exact match)")
     ax.set_title(f"{Path(result['model']).name}: passkey, chai-compile plans vs kvpress presses", fontsize=10)
-    ax.legend(fontsize=6, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: lines overlap at 0 and 1
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
