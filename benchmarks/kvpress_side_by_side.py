@@ -1,6 +1,6 @@
 """chai-compile's span plans against NVIDIA kvpress's presses on the passkey task, at equal KV saving (issue 19).
 
-    python benchmarks/kvpress_side_by_side.py smollm2-135m --plans /tmp/i19/span40/plan.json \
+    python benchmarks/kvpress_side_by_side.py smollm2-135m --plans /tmp/i19/span38/plan.json \
         --streaming-saving match --lengths 1k,2k,4k --per-length 5 \
         --kvpress-python /work/venv-kvp/bin/python --out docs/results/spans/kvpress
 
