@@ -1,8 +1,9 @@
 """Decode: single-pass tiles vs the two-phase kernels (issue 15), per shape of the quick decode matrix.
 
 Times dense SDPA (flash) and clustered_decode under the default rule ("auto"), forced single-pass
-tiles ("single") and forced two phases with a few configs ("tp*"), each from a CUDA graph (median of
-triton.testing.do_bench, L2 flushed). maxdiff: largest |output - single| per config. The table picked
+tiles ("single") and forced two phases with a few configs ("tp*"), each from a CUDA graph
+(bench_kernels.time_ms: median of triton.testing.do_bench, L2 flushed; the recorded H200 run used 5 warm-up
+and 25 timed replays, time_ms uses 10 and 60). maxdiff: largest |output - single| per config. The table picked
 DecodeConfig's defaults (two_phase rule, min_split) in chai_compile/kernels/triton_decode.py.
 
     PYTHONPATH=. python benchmarks/sweep_two_phase.py --out runs/tp
@@ -17,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import (  # noqa: E402
@@ -31,6 +31,7 @@ from bench_kernels import (  # noqa: E402
     gqa_aligned,
     gqa_scattered,
     sdpa_flash,
+    time_ms,
     uneven_mapping,
 )  # fmt: skip
 
@@ -47,19 +48,6 @@ CONFIGS = {
 }
 
 
-def graph_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return float(triton.testing.do_bench(g.replay, warmup=5, rep=25, return_mode="median"))
-
 
 def shapes(hk: int, batch: int, t: int) -> list[tuple[str, dict]]:
     if hk != H:
@@ -73,7 +61,7 @@ def measure(hk: int, batch: int, t: int, res: dict) -> None:
     kd = torch.randn(batch, hk, t, D, device=DEVICE, dtype=DT)
     v = torch.randn(batch, hk, t, D, device=DEVICE, dtype=DT)
     qd = torch.randn(batch, H, 1, D, device=DEVICE, dtype=DT)
-    dense = graph_ms(lambda: sdpa_flash(qd, kd, v, enable_gqa=hk != H))
+    dense = time_ms(lambda: sdpa_flash(qd, kd, v, enable_gqa=hk != H))
     for label, m in shapes(hk, batch, t):
         c = len(m["sizes"])
         kc = kd[:, : m["k_heads_kept"]]
@@ -86,7 +74,7 @@ def measure(hk: int, batch: int, t: int, res: dict) -> None:
         for name, cfg in CONFIGS.items():
             fn = decode_fn(q, kc, v, lengths, m, 1 / math.sqrt(D), cfg)
             row["maxdiff"][name] = (fn().float() - ref).abs().max().item()
-            row["ms"][name] = graph_ms(fn)
+            row["ms"][name] = time_ms(fn)
         res["rows"].append(row)
         ms = row["ms"]
         pct = 100 * fused_bytes / ms["auto"] / 1e6 / res["copy"]["gbps"]
