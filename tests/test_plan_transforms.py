@@ -63,6 +63,10 @@ def test_span_mass_and_similarity_match_brute_force():
         for b, w in enumerate((4, 8)):
             want = torch.stack([p[:, i, :s].sum(-1) + p[:, i, i - w + 1 : i + 1].sum(-1) for i in rows]).mean(0)
             assert torch.allclose(mass.mean()[0, :, a, b], want, atol=1e-12)
+    late = SpanMass(1, h, (0, 2), (4, 8), t, from_row=25)  # recall windows: the repeated rows only
+    late.add(0, p, 0)
+    want = torch.stack([p[:, i, i - 3 : i + 1].sum(-1) for i in range(25, t)]).mean(0)
+    assert torch.allclose(late.mean()[0, :, 0, 0], want, atol=1e-12)
     sim = LayerSimilarity(3, h)
     q = p.flip(-1).tril().softmax(-1)
     sim.add(torch.stack([p, p, q]).float())
@@ -70,6 +74,21 @@ def test_span_mass_and_similarity_match_brute_force():
     assert torch.allclose(res[1, 0], torch.ones(h, dtype=torch.float64))  # identical maps: perfect
     want = 1 - 0.5 * (q - p).abs().sum(-1).mean(-1)
     assert torch.allclose(res[2, 0], want, atol=1e-6)
+
+
+def test_a_head_reading_far_back_on_repeated_passages_gets_no_span():
+    from chai_compile.profile.long_context import LongContextStats
+    from chai_compile.profile.spans import smallest_span
+
+    text = torch.full((1, 2, 1, 2), 0.95, dtype=torch.float64)  # both heads local on running text
+    recall = text.clone()
+    recall[0, 1] = torch.tensor([0.3, 0.95])  # head 1 copies from far back at w64: only w128 keeps its mass
+    stats = LongContextStats(256, 1, (4,), (64, 128), text, torch.ones(1, 1, 2), recall_mass=recall)
+    kept = stats.kept_mass()
+    assert smallest_span(stats.span_mass[0], [0, 1], (4,), (64, 128), 0.9, 256) == (4, 64)
+    assert smallest_span(kept[0], [0, 1], (4,), (64, 128), 0.9, 256) == (4, 128)
+    assert smallest_span(kept[0], [0], (4,), (64, 128), 0.9, 256) == (4, 64)
+    assert stats.heads_within(0.9, 4, 64) == 1
 
 
 def _direct(model, layer: int, x: torch.Tensor, pe, spans: list[Span | None] | None, probs_in=None):
@@ -175,15 +194,16 @@ def test_combined_plan_meets_the_target_at_the_context(combined):
 
 
 def test_recall_windows_repeat_a_calibration_passage(stories):
-    from chai_compile.profile.calibration import build_calibration, build_recall
+    from chai_compile.profile.calibration import build_calibration, build_recall, recall_passage
 
     tok = stories.tokenizer
     rec = build_recall(tok, "builtin", samples=3, seq_len=101, seed=1)
-    half = build_calibration(tok, "builtin", 3, 51, 1).input_ids  # the passages: 50 tokens after BOS
+    assert recall_passage(101) == 76  # 3/4 of the window: beyond any span a 101-token window offers (w <= 64)
+    passage = build_calibration(tok, "builtin", 3, 76, 1).input_ids
     assert rec.input_ids.shape == (3, 101)
     skip = 1 if tok.bos_token_id is not None else 0
-    assert torch.equal(rec.input_ids[:, :51], half)
-    assert torch.equal(rec.input_ids[:, 51:], half[:, skip:skip + 50])  # the repeat, no second BOS
+    assert torch.equal(rec.input_ids[:, :76], passage)
+    assert torch.equal(rec.input_ids[:, 76:], passage[:, skip:skip + 25])  # the repeat, no second BOS
     assert rec.sha256 != build_recall(tok, "builtin", samples=3, seq_len=101, seed=2).sha256
 
 

@@ -1,8 +1,9 @@
 """`plan_transforms`: CHAI, span heads and shared layers chosen together under one KV budget at a context.
 
-Calibration windows -> long-context statistics on the scoring windows (span mass per head, layer
-similarity: they seed and prune the candidates) -> greedy choice by measured KL per cached token freed
-(`transforms.TransformSelector`) -> a v3 plan. No reconstruction: refit weights are for CHAI-only plans.
+Calibration windows -> long-context statistics (span mass per head on running text and on the repeated
+rows of passage-repeat windows, layer similarity on running text: they seed and prune the candidates) ->
+greedy choice by measured KL per cached token freed (`transforms.TransformSelector`) -> a v3 plan. No
+reconstruction: refit weights are for CHAI-only plans.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from chai_compile.plan.planner import PlanResult
 from chai_compile.plan.select import Scorer, head_errors
 from chai_compile.plan.shared_scores import planning_modules
 from chai_compile.plan.transforms import TransformSelector
-from chai_compile.profile.calibration import build_calibration, build_recall
+from chai_compile.profile.calibration import build_calibration, build_recall, recall_passage
 from chai_compile.profile.long_context import LONG_SEQ_LEN, long_context_statistics
 from chai_compile.profile.options import max_positions
 from chai_compile.profile.spans import SINKS, WINDOWS
@@ -49,9 +50,11 @@ def plan_transforms(loaded: LoadedModel, opts: PlanOptions, progress: bool = Tru
     if opts.recall_windows:
         recall = build_recall(loaded.tokenizer, opts.calib, opts.recall_windows, seq_len, opts.seed + 1)
         scoring = torch.cat([scoring, recall.input_ids])
-    windows = tuple(w for w in WINDOWS if w < seq_len)
-    stats = long_context_statistics(adapter, scoring, sinks=SINKS, windows=windows or (seq_len // 2,),
-                                    progress=progress)
+    windows = tuple(w for w in WINDOWS if w < seq_len) or (seq_len // 2,)
+    stats = long_context_statistics(adapter, calib.input_ids, sinks=SINKS, windows=windows, progress=progress)
+    if recall is not None:  # kept mass on the repeated rows only: where far-reading heads show themselves
+        stats.recall_mass = long_context_statistics(adapter, recall.input_ids, sinks=SINKS, windows=windows,
+                                                    progress=progress, from_row=recall_passage(seq_len)).span_mass
     scorer = Scorer(model, scoring, opts.batch_size)
     base_kl, base_ppl = scorer.measure()
     max_ppl = None if opts.max_ppl_increase is None else base_ppl * (1 + opts.max_ppl_increase)

@@ -5,7 +5,9 @@ on top of the plan so far and ranked by KL added per cached token freed:
 - chai(l, g): KV head g of layer l leaves the K cache; its query heads take the closest kept head's scores;
 - span(l, g, s, w): every query head reading KV head g keeps sinks s plus the last w tokens, so that KV
   head's K and V stop growing at s + w; (s, w) is the least span where all those heads keep at least
-  `span_mass` of their attention mass (profile statistic), and must be shorter than the scoring windows
+  `span_mass` of their attention mass (profile statistic) both on running text and on the repeated rows of
+  passage-repeat windows (a head that copies from far back is a retrieval head), and must be shorter than
+  the scoring windows
   (a span the calibration cannot exercise is never offered);
 - shared(l, j): layer l reuses layer j's probabilities and drops its whole K cache; only the
   `SOURCES_PER_LAYER` most similar earlier layers with head-mean similarity >= `min_similarity`.
@@ -73,6 +75,7 @@ class TransformSelector:
                  min_similarity: float, frozen: Sequence[int] = ()) -> None:
         first = modules[0]
         self.mods, self.errors, self.stats = modules, errors, stats
+        self.kept = stats.kept_mass()  # span rule and ranking: running text and repeated passages both
         self.h, self.kv, self.group = first.num_heads, first.num_kv_heads, first.group
         self.context, self.window, self.transforms = context, window, set(transforms)
         self.span_mass, self.min_similarity, self.frozen = span_mass, min_similarity, set(frozen)
@@ -147,7 +150,7 @@ class TransformSelector:
                 for g in range(self.kv):
                     heads = list(range(g * self.group, (g + 1) * self.group))
                     sw = None if g in st.spans else smallest_span(
-                        self.stats.span_mass[layer], heads, self.stats.sinks, self.stats.windows, self.span_mass,
+                        self.kept[layer], heads, self.stats.sinks, self.stats.windows, self.span_mass,
                         min(self.window, self.context))
                     if sw is not None:
                         out.append(Candidate(Transform.SPAN, layer, g, span=Span(*sw)))
@@ -179,7 +182,7 @@ class TransformSelector:
         heads that read the KV head."""
         heads = list(range(c.kv_head * self.group, (c.kv_head + 1) * self.group))  # type: ignore[operator]
         a, b = self.stats.sinks.index(c.span.sinks), self.stats.windows.index(c.span.window)  # type: ignore[union-attr]
-        return float((1.0 - self.stats.span_mass[c.layer, heads, a, b]).sum())
+        return float((1.0 - self.kept[c.layer, heads, a, b]).sum())
 
     def run_profile(self, scorer: Scorer, target: float, original: tuple[float, float]) -> list[Step]:
         """Spans in order of mass left out per cached token freed, until the target; only the chosen plan is

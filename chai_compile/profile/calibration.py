@@ -119,17 +119,25 @@ def build_calibration(
     return CalibrationSet(input_ids=ids, source=desc, sha256=digest)
 
 
+def recall_passage(seq_len: int) -> int:
+    """Tokens of the passage (BOS included) in a `seq_len` recall window; the repeat fills the rest. The copy
+    distance (3/4 of the window) lies beyond every span a window of that length can exercise (span windows
+    are powers of two below seq_len, so at most half of it), so no span reaches back to the copied passage."""
+    return 3 * seq_len // 4 + 1
+
+
 def build_recall(tokenizer, source: str | Path | Sequence[str] = BUILTIN, samples: int = 2, seq_len: int = 2048,
                  seed: int = 1, text_field: str = "text") -> CalibrationSet:
-    """Windows of `seq_len` tokens whose second half repeats the first: a passage, then the same passage again.
+    """Windows of `seq_len` tokens made of a passage, then the start of the same passage again.
 
-    Predicting the repeat means copying from about seq_len / 2 tokens back, so a head that retrieves from
-    far away (what passkey and long-document questions need) shows up in the KL when it is cut to a short
-    span; on running text alone such heads cost almost nothing and a span planner would bound them. The
-    passages come from the calibration source, never from an evaluation set.
+    Predicting the repeat means copying from `recall_passage(seq_len) - 1` tokens back, so a head that
+    retrieves from far away (what passkey and long-document questions need) shows up in the KL and in the
+    kept mass of the repeated rows when it is cut to a short span; on running text alone such heads cost
+    almost nothing and a span planner would bound them. The passages come from the calibration source,
+    never from an evaluation set.
     """
-    half = build_calibration(tokenizer, source, samples, seq_len // 2 + 1, seed, text_field=text_field)
+    passage = build_calibration(tokenizer, source, samples, recall_passage(seq_len), seed, text_field=text_field)
     start = 1 if tokenizer.bos_token_id is not None else 0  # the repeat carries no second BOS
-    ids = torch.cat([half.input_ids, half.input_ids[:, start:]], dim=1)[:, :seq_len]
+    ids = torch.cat([passage.input_ids, passage.input_ids[:, start:]], dim=1)[:, :seq_len]
     digest = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
-    return CalibrationSet(input_ids=ids, source=f"{half.source} (passage repeated)", sha256=digest)
+    return CalibrationSet(input_ids=ids, source=f"{passage.source} (passage repeated)", sha256=digest)

@@ -35,10 +35,18 @@ class LongContextStats:
     span_mass: torch.Tensor  # [L, H, S, W] mean kept mass (NaN where not measurable at seq_len)
     similarity: torch.Tensor  # [L, L, H] 1 - mean TV, source j <= layer l
     timings: dict[str, float] = field(default_factory=dict)
+    # [L, H, S, W] kept mass on the repeated rows of passage-repeat windows (None: none measured)
+    recall_mass: torch.Tensor | None = None
+
+    def kept_mass(self) -> torch.Tensor:
+        """What a span must keep: the lower of the running-text and the repeated-passage mass, so a head that
+        reads far back when the text asks for it (a retrieval head) is not bounded for looking local on
+        running text."""
+        return self.span_mass if self.recall_mass is None else torch.minimum(self.span_mass, self.recall_mass)
 
     def heads_within(self, threshold: float, sinks: int, window: int) -> int:
         """Query heads keeping at least `threshold` of their mass within `sinks` + the last `window` tokens."""
-        m = self.span_mass[:, :, self.sinks.index(sinks), self.windows.index(window)]
+        m = self.kept_mass()[:, :, self.sinks.index(sinks), self.windows.index(window)]
         return int((m >= threshold).sum())
 
     def summary(self, threshold: float = 0.9) -> dict[str, Any]:
@@ -52,6 +60,7 @@ class LongContextStats:
         return {"seq_len": self.seq_len, "windows_used": self.windows_used, "sinks": list(self.sinks),
                 "windows": list(self.windows), "summary": self.summary(),
                 "span_mass": _rounded(self.span_mass), "layer_similarity": _rounded(self.similarity),
+                "recall_mass": None if self.recall_mass is None else _rounded(self.recall_mass),
                 "timings": {k: round(v, 3) for k, v in self.timings.items()}}
 
 
@@ -65,12 +74,13 @@ def _rounded(t: torch.Tensor) -> Any:
 @torch.no_grad()
 def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, sinks: tuple[int, ...] = SINKS,
                             windows: tuple[int, ...] = WINDOWS, chunk: int | None = None,
-                            progress: bool = True) -> LongContextStats:
+                            progress: bool = True, from_row: int = 0) -> LongContextStats:
     """Span mass and layer similarity over the windows input_ids [N, T], one window at a time, `chunk` query
-    rows at a time (None: 512 on a GPU, where per-chunk launches dominate, 64 elsewhere to bound memory)."""
+    rows at a time (None: 512 on a GPU, where per-chunk launches dominate, 64 elsewhere to bound memory).
+    Span mass counts rows from `from_row` on (and from the largest measured span on)."""
     spec = adapter.spec
     n, t = input_ids.shape
-    mass = SpanMass(spec.num_layers, spec.num_heads, sinks, windows, t)
+    mass = SpanMass(spec.num_layers, spec.num_heads, sinks, windows, t, from_row)
     sim = LayerSimilarity(spec.num_layers, spec.num_heads)
     scale = adapter.scaling()
     qk: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

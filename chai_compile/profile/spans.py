@@ -23,13 +23,15 @@ class SpanMass:
     Every (s, w) is averaged over the same query rows: those at or beyond the largest s + w that fits the
     window length, so the table is comparable across cells and grows with s and with w by construction
     (rows beyond s + w for each cell alone would mix different positions). Cells with s + w >= seq_len
-    cannot leave any key out and stay NaN."""
+    cannot leave any key out and stay NaN. `from_row` moves the first row later (recall windows: only the
+    repeated rows count)."""
 
     def __init__(self, num_layers: int, num_heads: int, sinks: tuple[int, ...], windows: tuple[int, ...],
-                 seq_len: int) -> None:
+                 seq_len: int, from_row: int = 0) -> None:
         self.sinks, self.windows = sinks, windows
         self.cells = [(a, b, s, w) for a, s in enumerate(sinks) for b, w in enumerate(windows) if s + w < seq_len]
-        self.first = max((s + w for _, _, s, w in self.cells), default=seq_len)  # the common first row
+        first = max((s + w for _, _, s, w in self.cells), default=seq_len)  # the common first row
+        self.first = max(first, from_row)
         self.total = torch.zeros(num_layers, num_heads, len(sinks), len(windows), dtype=torch.float64)
         self.rows = torch.zeros(num_layers, dtype=torch.float64)
 
