@@ -237,6 +237,18 @@ def test_shared_only_plan_writes_shared_layers(tmp_path):
     assert kv_saving(mapping, 512) == pytest.approx(0.1 * len(shared))  # each drops 1/10: half its layer's cache
 
 
+def test_one_round_never_accepts_a_shared_layer_reading_another_accepted_in_it(tmp_path):
+    # every layer but 0 shared needs every source to be layer 0: a round that accepts shared(1<-0) must then
+    # skip shared(2<-1) and the like (they were candidates when the round began)
+    out = tmp_path / "p"
+    res = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.4", "--transforms", "shared",
+                                    "--per-round", "4", "--min-layer-similarity", "0.01", "--out", str(out),
+                                    *SMALL])
+    assert res.exit_code == 0, res.output
+    mapping = ClusterMapping.read(out / "plan.json")
+    assert [lm.source for lm in mapping.layers if lm.kind == LayerKind.SHARED] == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--kv-target", "0.3", "--transforms", "span", "--context", "1024"], "above the 512 positions"),
     (["--kv-target", "0.2", "--context", "1024"], "above the 512 positions"),  # CHAI alone checks it too

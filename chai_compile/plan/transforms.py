@@ -224,6 +224,8 @@ class TransformSelector:
                     break
                 if c.layer in layers:  # one change per layer per round: accepted changes do not interact there
                     continue
+                if accepted and c not in self.candidates():  # an earlier acceptance this round ruled it out
+                    continue  # (e.g. shared(27<-26) after 26 became shared, or a span on a new source)
                 old = self.apply(c)
                 if max_ppl is not None and scorer.measure()[1] > max_ppl:
                     self.restore(c.layer, old)
