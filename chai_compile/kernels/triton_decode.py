@@ -5,7 +5,8 @@ distinct V heads read by that cluster's members. A program handles (tile, split 
 sequence): it streams the split's K rows once, keeps an online softmax, and accumulates P.V for
 each of its V heads, so each K row is read once per tile and each V row once per (cluster, V
 head). Heads of one cluster that share a V head (GQA) share one accumulator ("slot") and the
-reduction kernel writes that slot to each of them. A second kernel merges the splits.
+merge writes that slot to each of them. The splits are merged by a second kernel, or, on small steps,
+by the last program of each tile (triton_split_merge.py).
 
 Programs of the same (sequence, split) are launched next to each other so that tiles reading the
 same K or V rows (a cluster cut into several tiles) meet in L2.
@@ -26,6 +27,7 @@ import torch
 
 from chai_compile.kernels._triton import LOG2E, require_triton, tl, triton
 from chai_compile.kernels.tile_plan import GROUP_ROWS, get_plan
+from chai_compile.kernels.triton_split_merge import merge_counters, merge_tile, reduce_kernel
 from chai_compile.kernels.triton_two_phase import pv_kernel, scores_kernel
 
 # ---------------------------------------------------------------------------------------------
@@ -35,14 +37,15 @@ from chai_compile.kernels.triton_two_phase import pv_kernel, scores_kernel
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, Lengths, Span, Tiles, Work,
+    Q, K, V, Lengths, Span, Tiles, Work, Counters, HeadsOfSlot, Out,
     stride_qb, stride_qc,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_outb, stride_outh,
     num_slots, num_splits, ml_offset,
     qk_scale, split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr,
+    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -109,18 +112,23 @@ def _decode_split_kernel(
     tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & dmask[None, :])
     tl.store(Work + ml_offset + part, tl.zeros([M], tl.float32) + m_i, mask=m_valid)
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
+    if FUSE_MERGE:
+        merge_tile(Work, Counters, HeadsOfSlot, Out, b * tl.num_programs(0) + tile, slot0 + offs_m, m_valid, b,
+                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G)
 
 
 @triton.jit
 def _decode_split_dot_kernel(
-    Q, K, V, Lengths, Span, Tiles, Work,
+    Q, K, V, Lengths, Span, Tiles, Work, Counters, HeadsOfSlot, Out,
     stride_qb, stride_qc,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_outb, stride_outh,
     num_slots, num_splits, ml_offset,
     qk_scale, split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Same contract as _decode_split_kernel, on tensor cores.
 
@@ -204,47 +212,9 @@ def _decode_split_dot_kernel(
     part_m = (b * num_slots + slot0 + offs_m) * num_splits + split
     tl.store(Work + ml_offset + part_m, tl.zeros([M], tl.float32) + m_row, mask=m_valid)
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part_m, tl.zeros([M], tl.float32) + l_row, mask=m_valid)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    Work, SlotOfHead, Out,
-    stride_outb, stride_outh,
-    num_slots, num_splits, ml_offset,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    slot = tl.load(SlotOfHead + h).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    dmask = offs_d < HEAD_DIM
-    ml_base = (b * num_slots + slot) * num_splits
-    Mpart = Work + ml_offset
-    Lpart = Mpart + ml_offset // HEAD_DIM
-
-    # Pass 1: global max over the splits' maxima (empty splits hold -inf).
-    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + offs_s
-        m_max = tl.maximum(m_max, tl.load(Mpart + ml_base + s, mask=s < num_splits, other=float("-inf")))
-    m_all = tl.max(m_max, 0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
-
-    # Pass 2: rescale and sum the partial accumulators.
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    l_sum = tl.zeros([BLOCK_S], tl.float32)
-    o_base = Work + ml_base * HEAD_DIM
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + offs_s
-        s_valid = s < num_splits
-        w = tl.exp2(tl.load(Mpart + ml_base + s, mask=s_valid, other=float("-inf")) - m_all)
-        l_sum += w * tl.load(Lpart + ml_base + s, mask=s_valid, other=0.0)
-        o = tl.load(o_base + s[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None] & dmask[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * o, 0)
-    l_all = tl.sum(l_sum, 0)
-    out = acc / tl.where(l_all == 0.0, 1.0, l_all)
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=dmask)
+    if FUSE_MERGE:
+        merge_tile(Work, Counters, HeadsOfSlot, Out, b * tl.num_programs(0) + tile, slot0 + offs_m, m_valid, b,
+                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,9 +242,13 @@ class DecodeConfig:
     # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
     # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
     two_phase: bool | None = None
+    # Merge the splits in the split kernel (the last program of each tile, triton_split_merge.py) instead of
+    # a second launch; None: on below FUSED_MERGE_MAX_KEYS keys (B * Tmax), where launches dominate.
+    fuse_merge: bool | None = None
 
 
 TWO_PHASE_MIN_KEYS = 16384
+FUSED_MERGE_MAX_KEYS = 16384
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -378,6 +352,12 @@ def clustered_decode(
 
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     span_arg = span if span is not None else lengths
+    fuse = batch * t_len < FUSED_MERGE_MAX_KEYS if cfg.fuse_merge is None else cfg.fuse_merge
+    rows = GROUP_ROWS if two_phase else width
+    # Counters are only touched when fused; a 1-element stand-in keeps the unfused launch allocation-free.
+    counters = merge_counters(dev, batch * programs) if fuse else lengths
+    merge_args = dict(FUSE_MERGE=fuse, G=plan.heads_per_slot,
+                      BLOCK_S=max(1, min(32, triton.next_power_of_2(n_split), 8192 // (rows * block_d))))
     if two_phase:
         scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,
@@ -395,11 +375,12 @@ def clustered_decode(
             scale * LOG2E, k_split_len, sinks, **common,
         )  # fmt: skip
         pv_kernel[(plan.v_groups.shape[0], n_split, batch)](
-            v_cache, lengths, span_arg, plan.v_groups, scores, work,
+            v_cache, lengths, span_arg, plan.v_groups, scores, work, counters, plan.heads_of_slot, out,
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
             num_clusters, scores.stride(1),
             plan.num_slots, n_split, ml_offset,
-            split_len, sinks, **common,
+            split_len, sinks, **common, **merge_args,
         )  # fmt: skip
     else:
         use_dot = width <= 2 if cfg.use_dot is None else cfg.use_dot
@@ -407,20 +388,22 @@ def clustered_decode(
         kernel = _decode_split_dot_kernel if use_dot else _decode_split_kernel
         extra = {"DOT_PRECISION": precision} if use_dot else {}
         kernel[(plan.num_tiles, n_split, batch)](
-            q, k_cache, v_cache, lengths, span_arg, plan.tiles, work,
+            q, k_cache, v_cache, lengths, span_arg, plan.tiles, work, counters, plan.heads_of_slot, out,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
             plan.num_slots, n_split, ml_offset,
             scale * LOG2E, split_len, sinks,
             HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
-            num_warps=cfg.num_warps, num_stages=stages, **extra,
+            num_warps=cfg.num_warps, num_stages=stages, **extra, **merge_args,
         )  # fmt: skip
-    _decode_reduce_kernel[(num_heads, batch)](
-        work, plan.slot_of_head, out,
-        out.stride(0), out.stride(1),
-        plan.num_slots, n_split, ml_offset,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
-        num_warps=4,
-    )  # fmt: skip
+    if not fuse:
+        reduce_kernel[(num_heads, batch)](
+            work, plan.slot_of_head, out,
+            out.stride(0), out.stride(1),
+            plan.num_slots, n_split, ml_offset,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
+            num_warps=4,
+        )  # fmt: skip
     return out
