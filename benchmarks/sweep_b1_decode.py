@@ -47,6 +47,9 @@ WIDE = {
     "fused_stages4": DecodeConfig(num_stages=4, **F),
     "fused_w1_dot_ms128": DecodeConfig(tile_width=1, use_dot=True, min_split=128, **F),
     "fused_w2_dot_warps8": DecodeConfig(tile_width=2, use_dot=True, num_warps=8, **F),
+    "fused_w1_dot_waves2": DecodeConfig(tile_width=1, use_dot=True, waves=2.0, **F),
+    "fused_w2_dot_waves2": DecodeConfig(tile_width=2, use_dot=True, waves=2.0, **F),
+    "fused_w4_dot_warps8": DecodeConfig(tile_width=4, use_dot=True, num_warps=8, **F),
     "fused_two_phase": DecodeConfig(two_phase=True, **F),
     "merge_kernel_waves2": DecodeConfig(fuse_merge=False, waves=2.0),
 }
