@@ -22,6 +22,7 @@ from chai_compile.kernels import (
     clustered_prefill,
     clustered_prefill_reference,
 )
+from chai_compile.kernels.triton_decode import SMALL_STEP_KEYS
 from tests.kernel_device import DEV, needs_kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -229,9 +230,8 @@ def test_decode_kernel(case, dtype) -> None:
         DecodeConfig(tile_width=2, use_dot=False, two_phase=False),  # FMA kernel where the default picks the dot one
         DecodeConfig(two_phase=True, block_n=16, min_split=16),  # scores + P.V kernels on every layout
         DecodeConfig(two_phase=False),  # single-pass tiles where the default picks two phases
-        # These small steps merge in the split kernel by default; the separate merge kernel on both paths:
-        DecodeConfig(fuse_merge=False),
-        DecodeConfig(two_phase=True, block_n=16, min_split=16, fuse_merge=False),
+        DecodeConfig(fuse_merge=False),  # the merge kernel where the default fuses the merge
+        DecodeConfig(fuse_merge=True, tile_width=8, use_dot=False, block_n=16, min_split=16),  # fused, FMA tiles
     ]
     for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
@@ -241,6 +241,9 @@ def test_decode_kernel(case, dtype) -> None:
         torch.testing.assert_close(
             got.double(), want, atol=TOL[dtype], rtol=TOL[dtype], msg=lambda m, cfg=cfg: f"{cfg}: {m}"
         )
+    # A bound past SMALL_STEP_KEYS: the defaults of large steps (auto tile width, merge kernel) on these caches.
+    got = clustered_decode(q, k, v, lengths, offs, ki, vi, scale, max_length=SMALL_STEP_KEYS + 1)
+    torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @needs_kernel
@@ -272,9 +275,9 @@ def test_decode_kernel_span_and_sinks() -> None:
     [
         DecodeConfig(fuse_merge=True, block_n=16, min_split=16),
         DecodeConfig(fuse_merge=True, tile_width=8, use_dot=True, block_n=16, min_split=16),
-        DecodeConfig(fuse_merge=True, two_phase=True, block_n=16, min_split=16),
+        None,  # small steps: width-1 tiles on tensor cores, merged in the split kernel
     ],
-    ids=["tiles", "dot-wide", "two-phase"],
+    ids=["tiles", "dot-wide", "default"],
 )
 def test_decode_fused_merge_repeats(cfg) -> None:
     """The in-kernel merge counts splits with counters that the merging program resets: calls in a row and

@@ -226,14 +226,16 @@ def _decode_split_dot_kernel(
 class DecodeConfig:
     """Tuning knobs; None means "pick from the tile width" (table from the sweep in docs/benchmarks.md)."""
 
-    tile_width: int | None = None  # V heads per program; None: ~ the mean slots per cluster, at most 8
+    # V heads per program; None: 1 on small steps (SMALL_STEP_KEYS), else ~ the mean slots per cluster, at most 8
+    tile_width: int | None = None
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int | None = None
     # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
     # tiles, 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral elsewhere).
     min_split: int | None = None
-    waves: float = 8.0  # aim for this many programs per SM before splitting stops
+    # Aim for this many programs per SM before splitting stops; None: 2 on small steps, else 8.
+    waves: float | None = None
     # Tensor-core variant (_decode_split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
     use_dot: bool | None = None
@@ -242,13 +244,17 @@ class DecodeConfig:
     # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
     # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
     two_phase: bool | None = None
-    # Merge the splits in the split kernel (the last program of each tile, triton_split_merge.py) instead of
-    # a second launch; None: on below FUSED_MERGE_MAX_KEYS keys (B * Tmax), where launches dominate.
+    # Single-pass tiles only: merge the splits in the split kernel (the last program of each tile,
+    # triton_split_merge.py) instead of a second launch; None: on small steps.
     fuse_merge: bool | None = None
 
 
 TWO_PHASE_MIN_KEYS = 16384
-FUSED_MERGE_MAX_KEYS = 16384
+# Small steps (B * Tmax <= SMALL_STEP_KEYS; measured at B=1, T=4096) are latency-bound: one tile per (cluster,
+# V head) on tensor cores, few long splits (2 waves) whose loads pipeline across 8 key blocks, and the merge in
+# the same launch. On H200 (benchmarks/sweep_b1_decode.py) this took MHA C=4/8/16 from 25.6/27.8/30.9 us to
+# 21.7/23.0/25.4 us and GQA C=4 from 16.1 to 14.0 us; the same settings at B=1 T=16384 and B=8 T=4096 lost.
+SMALL_STEP_KEYS = 4096
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -318,7 +324,9 @@ def clustered_decode(
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last dim")
     cfg = config or _DEFAULT
-    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width)
+    t_len = max_length or t_max
+    small = batch * t_len <= SMALL_STEP_KEYS
+    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width or (1 if small else None))
     if plan.num_clusters != num_clusters:
         raise ValueError(f"q has {num_clusters} cluster queries, the mapping {plan.num_clusters} clusters")
     if plan.max_k_head >= k_cache.shape[1] or plan.max_v_head >= v_cache.shape[1]:
@@ -329,7 +337,6 @@ def clustered_decode(
         span = span.to(torch.int32)
     num_heads = plan.num_heads
     width = plan.tile_width
-    t_len = max_length or t_max
     two_phase = cfg.two_phase
     if two_phase is None:
         two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
@@ -341,7 +348,8 @@ def clustered_decode(
 
     dev = q.device
     programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
-    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, cfg.waves, _sm_count(dev))
+    waves = cfg.waves or (2.0 if small else 8.0)
+    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, waves, _sm_count(dev))
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
@@ -352,12 +360,12 @@ def clustered_decode(
 
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     span_arg = span if span is not None else lengths
-    fuse = batch * t_len < FUSED_MERGE_MAX_KEYS if cfg.fuse_merge is None else cfg.fuse_merge
-    rows = GROUP_ROWS if two_phase else width
-    # Counters are only touched when fused; a 1-element stand-in keeps the unfused launch allocation-free.
+    fuse = not two_phase and (small if cfg.fuse_merge is None else cfg.fuse_merge)
+    # Counters are only touched when fused; a stand-in keeps the unfused launch allocation-free. BLOCK_S keeps
+    # the merge's [width, BLOCK_S, d] partials near 8K floats in registers.
     counters = merge_counters(dev, batch * programs) if fuse else lengths
     merge_args = dict(FUSE_MERGE=fuse, G=plan.heads_per_slot,
-                      BLOCK_S=max(1, min(32, triton.next_power_of_2(n_split), 8192 // (rows * block_d))))
+                      BLOCK_S=max(1, min(32, triton.next_power_of_2(n_split), 8192 // (width * block_d))))
     if two_phase:
         scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,
@@ -365,7 +373,7 @@ def clustered_decode(
         # Phase 1 runs on fewer heads (the kept K heads): its own, finer split keeps the GPU busy. The
         # scores are indexed by key, so the two phases need not agree on the split.
         k_split, k_split_len = num_splits_for(
-            batch, plan.k_groups.shape[0], t_len, block_n, min_split, cfg.waves, _sm_count(dev)
+            batch, plan.k_groups.shape[0], t_len, block_n, min_split, waves, _sm_count(dev)
         )
         scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
             q, k_cache, lengths, span_arg, plan.k_groups, scores,
@@ -375,12 +383,11 @@ def clustered_decode(
             scale * LOG2E, k_split_len, sinks, **common,
         )  # fmt: skip
         pv_kernel[(plan.v_groups.shape[0], n_split, batch)](
-            v_cache, lengths, span_arg, plan.v_groups, scores, work, counters, plan.heads_of_slot, out,
+            v_cache, lengths, span_arg, plan.v_groups, scores, work,
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1),
             num_clusters, scores.stride(1),
             plan.num_slots, n_split, ml_offset,
-            split_len, sinks, **common, **merge_args,
+            split_len, sinks, **common,
         )  # fmt: skip
     else:
         use_dot = width <= 2 if cfg.use_dot is None else cfg.use_dot

@@ -1,14 +1,14 @@
-"""Merging the splits of the decode kernels (triton_decode.py): each (tile, split, sequence) program leaves a
+"""Merging the splits of the decode kernels (triton_decode.py, triton_two_phase.py): each program leaves a
 partial result in the fp32 workspace (accumulator [B, slots, splits, D], then running maxima and sums
 [B, slots, splits]); merging rescales them to the global maximum and writes each head's output.
 
 Two forms:
 
-- `reduce_kernel`, a second launch over (head, sequence) after the split kernel.
-- `merge_tile`, called at the end of a split program: a counter per (sequence, tile) counts the splits done
-  and the program that finishes last merges that tile's slots itself, so the decode is one launch. At
-  B=1, T=4096 the launches and the gap between them are a large part of the step (25 us for 38 MB), so
-  the launch saved is worth the serial merge at the end of each tile.
+- `reduce_kernel`, a second launch over (head, sequence) after the split or P.V kernel.
+- `merge_tile`, called at the end of a single-pass tile program: a counter per (sequence, tile) counts the
+  splits done and the program that finishes last merges that tile's slots itself, so the decode is one
+  launch. It pays where the merge is short (few splits, narrow tiles: the small-step defaults); with 64
+  splits of 8-wide tiles the serial merge at the end cost more than the launch it saved (H200, B=1 T=4096).
 
 Counters live in a zeroed int32 buffer per device that the merging program puts back to zero, so
 consecutive launches and CUDA graph replays find them zero without a memset launch.

@@ -3,8 +3,8 @@ groups. Phase 1 (one program per K head, split, sequence) scores all clusters of
 tl.dot and writes the fp32 scores, B * C * T floats (1/64 of the K bytes per cluster at d=128). Phase
 2 (one program per V head, split, sequence) reads each V row once and runs the online softmax and P.V
 for every slot (cluster, V head) of that V head, writing the same partial results as the tile kernels
-so the same merge (triton_split_merge.py) applies. The single-pass tile kernels read a V head once per cluster that
-uses it: up to 3x the dense V traffic on GQA layouts that scatter the KV groups.
+so reduce_kernel (triton_split_merge.py) merges them. The single-pass tile kernels read a V head once per
+cluster that uses it: up to 3x the dense V traffic on GQA layouts that scatter the KV groups.
 
 Launched by chai_compile.kernels.triton_decode.clustered_decode, which picks between the two paths.
 """
@@ -12,7 +12,6 @@ Launched by chai_compile.kernels.triton_decode.clustered_decode, which picks bet
 from __future__ import annotations
 
 from chai_compile.kernels._triton import tl, triton
-from chai_compile.kernels.triton_split_merge import merge_tile
 
 
 @triton.jit
@@ -74,15 +73,13 @@ def scores_kernel(
 
 @triton.jit
 def pv_kernel(
-    V, Lengths, Span, VGroups, Scores, Work, Counters, HeadsOfSlot, Out,
+    V, Lengths, Span, VGroups, Scores, Work,
     stride_vb, stride_vh, stride_vt,
-    stride_outb, stride_outh,
     num_clusters, stride_st,
     num_slots, num_splits, ml_offset,
     split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-    G: tl.constexpr,
+    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of each slot's cluster scores and P.V with the V head of the group; one V read."""
     group = tl.program_id(0)
@@ -140,6 +137,3 @@ def pv_kernel(
     tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_valid[:, None] & dmask[None, :])
     tl.store(Work + ml_offset + part, m_i, mask=r_valid)
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, l_i, mask=r_valid)
-    if FUSE_MERGE:  # the last split of this V group merges its slots (triton_split_merge.py)
-        merge_tile(Work, Counters, HeadsOfSlot, Out, b * tl.num_programs(0) + group, slot, r_valid, b,
-                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, ROWS, BLOCK_S, G)
