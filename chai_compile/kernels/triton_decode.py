@@ -250,10 +250,11 @@ class DecodeConfig:
 
 
 TWO_PHASE_MIN_KEYS = 16384
-# Small steps (B * Tmax <= SMALL_STEP_KEYS; measured at B=1, T=4096) are latency-bound: one tile per (cluster,
-# V head) on tensor cores, few long splits (2 waves) whose loads pipeline across 8 key blocks, and the merge in
-# the same launch. On H200 (benchmarks/sweep_b1_decode.py) this took MHA C=4/8/16 from 25.6/27.8/30.9 us to
-# 21.7/23.0/25.4 us and GQA C=4 from 16.1 to 14.0 us; the same settings at B=1 T=16384 and B=8 T=4096 lost.
+# Small steps (B * Tmax <= SMALL_STEP_KEYS) are latency-bound: one tile per (cluster, V head) on tensor cores,
+# few long splits (2 waves) whose loads pipeline across ~8 key blocks, and the merge in the same launch. On the
+# H200 at B=1, T=4096 (benchmarks/sweep_b1_decode.py) MHA C=4/8/16 went from 24.8/27.8/30.8 to 21.6/22.8/25.2 us
+# and GQA C=4 from 16.0 to 13.9 us. Forced at B=8, T=4096 they lost (MHA C=4 115 vs 95 us); at B=1, T=16384
+# they won for C=4, the only C measured there, so the threshold stays at what was measured.
 SMALL_STEP_KEYS = 4096
 
 
