@@ -132,7 +132,7 @@ def pv_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # Same workspace layout as _decode_split_kernel; slots of one group need not be adjacent.
+    # Same workspace layout as triton_split.split_kernel; slots of one group need not be adjacent.
     part = (b * num_slots + slot) * num_splits + split
     tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_valid[:, None] & dmask[None, :])
     tl.store(Work + ml_offset + part, m_i, mask=r_valid)
