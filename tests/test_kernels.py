@@ -22,6 +22,7 @@ from chai_compile.kernels import (
     clustered_prefill,
     clustered_prefill_reference,
 )
+from chai_compile.kernels.triton_decode import SMALL_STEP_KEYS
 from tests.kernel_device import DEV, needs_kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -229,6 +230,8 @@ def test_decode_kernel(case, dtype) -> None:
         DecodeConfig(tile_width=2, use_dot=False, two_phase=False),  # FMA kernel where the default picks the dot one
         DecodeConfig(two_phase=True, block_n=16, min_split=16),  # scores + P.V kernels on every layout
         DecodeConfig(two_phase=False),  # single-pass tiles where the default picks two phases
+        DecodeConfig(fuse_merge=False),  # the merge kernel where the default fuses the merge
+        DecodeConfig(fuse_merge=True, tile_width=8, use_dot=False, block_n=16, min_split=16),  # fused, FMA tiles
     ]
     for cfg in configs if dtype != torch.float16 else configs[:1]:
         poison_allocator()
@@ -238,6 +241,9 @@ def test_decode_kernel(case, dtype) -> None:
         torch.testing.assert_close(
             got.double(), want, atol=TOL[dtype], rtol=TOL[dtype], msg=lambda m, cfg=cfg: f"{cfg}: {m}"
         )
+    # A bound past SMALL_STEP_KEYS: the defaults of large steps (auto tile width, merge kernel) on these caches.
+    got = clustered_decode(q, k, v, lengths, offs, ki, vi, scale, max_length=SMALL_STEP_KEYS + 1)
+    torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @needs_kernel
@@ -261,6 +267,55 @@ def test_decode_kernel_span_and_sinks() -> None:
     for cfg in [None, DecodeConfig(block_n=16, min_split=16), DecodeConfig(two_phase=True, block_n=16, min_split=16)]:
         got = clustered_decode(q, k, v, lengths, offs, ki, vi, 0.1, span=span, sinks=sinks, config=cfg)
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        DecodeConfig(fuse_merge=True, block_n=16, min_split=16),
+        DecodeConfig(fuse_merge=True, tile_width=8, use_dot=True, block_n=16, min_split=16),
+        None,  # small steps: width-1 tiles on tensor cores, merged in the split kernel
+    ],
+    ids=["tiles", "dot-wide", "default"],
+)
+def test_decode_fused_merge_repeats(cfg) -> None:
+    """The in-kernel merge counts splits with counters that the merging program resets: calls in a row and
+    replays of one CUDA graph (new lengths each time) must each merge exactly once, on GQA heads sharing a slot."""
+    torch.manual_seed(7)
+    batch, d, t_max = 2, 64, 200
+    kidx, vidx, hk = gqa_mapping([6, 2], 2, 4)
+    offs, ki, vi = mapping([6, 2], kidx, vidx, DEV)
+    q = torch.randn(batch, 2, d, device=DEV)
+    k = torch.randn(batch, hk, t_max, d, device=DEV)
+    v = torch.randn(batch, 2, t_max, d, device=DEV)
+    lengths = torch.tensor([t_max, 1], dtype=torch.int32, device=DEV)
+    out = torch.full((batch, 8, d), float("nan"), device=DEV)
+
+    def step() -> None:
+        clustered_decode(q, k, v, lengths, offs, ki, vi, 0.1, config=cfg, out=out, max_length=t_max)
+
+    def check() -> None:
+        want = clustered_decode_reference(q, k, v, lengths, offs, ki, vi, 0.1, out_dtype=torch.float64)
+        torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+
+    for n in ([t_max, 1], [37, 150], [5, 200]):
+        lengths.copy_(torch.tensor(n))
+        out.fill_(float("nan"))
+        step()
+        check()
+    if DEV != "cuda":
+        return
+    step()  # the warm-up outside the capture compiles and sizes the counter buffer
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for n in ([t_max, 1], [64, 199], [1, 2], [t_max, t_max]):
+        lengths.copy_(torch.tensor(n))
+        out.fill_(float("nan"))
+        graph.replay()
+        check()
 
 
 PREFILL_CASES = [

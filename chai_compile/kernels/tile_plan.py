@@ -40,6 +40,8 @@ class ClusterPlan:
     identity_slots: bool  # slot i is head i: outputs can be written in place
     tiles: torch.Tensor  # [NT, 4 + tile_width] int32: cluster, K head, count, first slot, V heads (0-padded)
     slot_of_head: torch.Tensor  # [H] int32
+    heads_of_slot: torch.Tensor  # [num_slots, heads_per_slot] int32: the heads reading each slot, -1 padded
+    heads_per_slot: int  # 1 for MHA; the GQA heads of one cluster on one V head share a slot
     k_groups: torch.Tensor  # [NK, 2 + GROUP_ROWS] int32: K head, count, clusters (0-padded)
     v_groups: torch.Tensor  # [NV, 2 + 2 * GROUP_ROWS] int32: V head, count, slots, their clusters (0-padded)
     shared_v: bool  # some V head is read by several clusters (GQA clusters cutting across KV groups)
@@ -119,6 +121,12 @@ def build_plan(
             pad = [0] * (GROUP_ROWS - len(part))
             v_groups.append([vh, len(part)] + part + pad + [slot_cluster[s] for s in part] + pad)
 
+    readers: list[list[int]] = [[] for _ in slot_vhead]
+    for h, s in enumerate(slot_of_head):
+        readers[s].append(h)
+    per_slot = max(len(r) for r in readers)
+    heads_of_slot = [r + [-1] * (per_slot - len(r)) for r in readers]
+
     dev = cluster_offsets.device
     return ClusterPlan(
         num_heads=len(vidx),
@@ -131,6 +139,8 @@ def build_plan(
         identity_slots=slot_of_head == list(range(len(vidx))),
         tiles=torch.tensor(rows, dtype=torch.int32, device=dev),
         slot_of_head=torch.tensor(slot_of_head, dtype=torch.int32, device=dev),
+        heads_of_slot=torch.tensor(heads_of_slot, dtype=torch.int32, device=dev),
+        heads_per_slot=per_slot,
         k_groups=torch.tensor(k_groups, dtype=torch.int32, device=dev),
         v_groups=torch.tensor(v_groups, dtype=torch.int32, device=dev),
         shared_v=len(set(slot_vhead)) < len(slot_vhead),

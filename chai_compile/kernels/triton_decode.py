@@ -5,7 +5,8 @@ distinct V heads read by that cluster's members. A program handles (tile, split 
 sequence): it streams the split's K rows once, keeps an online softmax, and accumulates P.V for
 each of its V heads, so each K row is read once per tile and each V row once per (cluster, V
 head). Heads of one cluster that share a V head (GQA) share one accumulator ("slot") and the
-reduction kernel writes that slot to each of them. A second kernel merges the splits.
+merge writes that slot to each of them. The splits are merged by a second kernel, or, on small steps,
+by the last program of each tile (triton_split_merge.py).
 
 Programs of the same (sequence, split) are launched next to each other so that tiles reading the
 same K or V rows (a cluster cut into several tiles) meet in L2.
@@ -24,228 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from chai_compile.kernels._triton import LOG2E, require_triton, tl, triton
+from chai_compile.kernels._triton import LOG2E, require_triton, triton
 from chai_compile.kernels.tile_plan import GROUP_ROWS, get_plan
+from chai_compile.kernels.triton_split import split_dot_kernel, split_kernel
+from chai_compile.kernels.triton_split_merge import merge_counters, reduce_kernel
 from chai_compile.kernels.triton_two_phase import pv_kernel, scores_kernel
-
-# ---------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_split_kernel(
-    Q, K, V, Lengths, Span, Tiles, Work,
-    stride_qb, stride_qc,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    num_slots, num_splits, ml_offset,
-    qk_scale, split_len, sinks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr,
-):  # fmt: skip
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)  # int64: b * stride overflows int32 for 16 GiB caches
-
-    row = Tiles + tile * (4 + M)
-    c = tl.load(row)
-    kh = tl.load(row + 1).to(tl.int64)
-    count = tl.load(row + 2)
-    slot0 = tl.load(row + 3)
-    length = tl.load(Lengths + b)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, M)
-    dmask = offs_d < HEAD_DIM  # constexpr-true when BLOCK_D == HEAD_DIM
-    m_valid = offs_m < count
-    vh = tl.load(row + 4 + offs_m).to(tl.int64)
-
-    if HAS_SPAN:
-        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
-
-    # Fold scale and log2(e) into q so the softmax runs on exp2.
-    q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
-    k_base = K + b * stride_kb + kh * stride_kh
-    v_base = V + b * stride_vb + vh * stride_vh  # [M] pointers
-
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, length)
-    m_i = tl.full([], float("-inf"), tl.float32)
-    l_i = tl.full([], 0.0, tl.float32)
-    acc = tl.zeros([M, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
-        k = tl.load(
-            k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
-        )
-        s = tl.sum(q[None, :] * k.to(tl.float32), 1)
-        s = tl.where(n_valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block holds at least one valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        v_ptrs = v_base[:, None, None] + t[None, :, None] * stride_vt + offs_d[None, None, :]
-        v_mask = m_valid[:, None, None] & n_valid[None, :, None] & dmask[None, None, :]
-        v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        acc = acc * alpha + tl.sum(p[None, :, None] * v.to(tl.float32), 1)
-        m_i = m_new
-
-    # Workspace (fp32): partial accumulators [B, slots, splits, D] (ml_offset elements), then the
-    # running maxima [B, slots, splits], then the sums [B, slots, splits].
-    part = (b * num_slots + slot0 + offs_m) * num_splits + split
-    tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=m_valid[:, None] & dmask[None, :])
-    tl.store(Work + ml_offset + part, tl.zeros([M], tl.float32) + m_i, mask=m_valid)
-    tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
-
-
-@triton.jit
-def _decode_split_dot_kernel(
-    Q, K, V, Lengths, Span, Tiles, Work,
-    stride_qb, stride_qc,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    num_slots, num_splits, ml_offset,
-    qk_scale, split_len, sinks,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Same contract as _decode_split_kernel, on tensor cores.
-
-    The query is replicated to the 16 rows an MMA needs (all rows equal; row 0 is kept), so the
-    score and P.V products are tl.dot calls whose operand loads Triton pipelines (cp.async)
-    across key blocks; the tile's V heads sit side by side as one [BLOCK_N, M * BLOCK_D] operand.
-    """
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-
-    row = Tiles + tile * (4 + M)
-    c = tl.load(row)
-    kh = tl.load(row + 1).to(tl.int64)
-    count = tl.load(row + 2)
-    slot0 = tl.load(row + 3)
-    length = tl.load(Lengths + b)
-
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, 16)
-    dmask = offs_d < HEAD_DIM
-    cols = tl.arange(0, M * BLOCK_D)  # member j's dims at [j * BLOCK_D, (j + 1) * BLOCK_D)
-    member = cols // BLOCK_D
-    dim = cols % BLOCK_D
-    col_valid = (member < count) & (dim < HEAD_DIM)
-    vh = tl.load(row + 4 + member).to(tl.int64)
-    # Each member's BLOCK_D columns are contiguous and start 16-byte aligned (stride_vh % 8 == 0 is
-    # checked at launch): the hints keep the V loads vectorised and eligible for cp.async.
-    v_cols = tl.max_contiguous(tl.multiple_of(vh * stride_vh + dim, 8), BLOCK_D)
-
-    if HAS_SPAN:
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
-
-    q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0)
-    q16 = tl.broadcast_to(q[None, :], (16, BLOCK_D))
-    k_base = K + b * stride_kb + kh * stride_kh
-    v_base = V + b * stride_vb
-
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, length)
-    m_i = tl.full([16], float("-inf"), tl.float32)
-    l_i = tl.zeros([16], tl.float32)
-    acc = tl.zeros([16, M * BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
-        k = tl.load(
-            k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
-        )
-        s = tl.dot(q16, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + t[:, None] * stride_vt + v_cols[None, :], mask=n_valid[:, None] & col_valid[None, :], other=0.0
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    first = rows[:, None] == 0
-    o = tl.sum(tl.where(first, acc, 0.0), 0)  # [M * BLOCK_D], exact: one nonzero term per column
-    m_row = tl.max(m_i, 0)
-    l_row = tl.max(l_i, 0)
-    # Same workspace layout as _decode_split_kernel.
-    part = (b * num_slots + slot0 + member) * num_splits + split
-    tl.store(Work + part * HEAD_DIM + dim, o, mask=col_valid)
-    offs_m = tl.arange(0, M)
-    m_valid = offs_m < count
-    part_m = (b * num_slots + slot0 + offs_m) * num_splits + split
-    tl.store(Work + ml_offset + part_m, tl.zeros([M], tl.float32) + m_row, mask=m_valid)
-    tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part_m, tl.zeros([M], tl.float32) + l_row, mask=m_valid)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    Work, SlotOfHead, Out,
-    stride_outb, stride_outh,
-    num_slots, num_splits, ml_offset,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    slot = tl.load(SlotOfHead + h).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, BLOCK_S)
-    dmask = offs_d < HEAD_DIM
-    ml_base = (b * num_slots + slot) * num_splits
-    Mpart = Work + ml_offset
-    Lpart = Mpart + ml_offset // HEAD_DIM
-
-    # Pass 1: global max over the splits' maxima (empty splits hold -inf).
-    m_max = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + offs_s
-        m_max = tl.maximum(m_max, tl.load(Mpart + ml_base + s, mask=s < num_splits, other=float("-inf")))
-    m_all = tl.max(m_max, 0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
-
-    # Pass 2: rescale and sum the partial accumulators.
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    l_sum = tl.zeros([BLOCK_S], tl.float32)
-    o_base = Work + ml_base * HEAD_DIM
-    for s0 in range(0, num_splits, BLOCK_S):
-        s = s0 + offs_s
-        s_valid = s < num_splits
-        w = tl.exp2(tl.load(Mpart + ml_base + s, mask=s_valid, other=float("-inf")) - m_all)
-        l_sum += w * tl.load(Lpart + ml_base + s, mask=s_valid, other=0.0)
-        o = tl.load(o_base + s[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None] & dmask[None, :], other=0.0)
-        acc += tl.sum(w[:, None] * o, 0)
-    l_all = tl.sum(l_sum, 0)
-    out = acc / tl.where(l_all == 0.0, 1.0, l_all)
-    tl.store(Out + b * stride_outb + h * stride_outh + offs_d, out.to(Out.dtype.element_ty), mask=dmask)
-
 
 # ---------------------------------------------------------------------------------------------
 # Launch
@@ -256,15 +40,17 @@ def _decode_reduce_kernel(
 class DecodeConfig:
     """Tuning knobs; None means "pick from the tile width" (table from the sweep in docs/benchmarks.md)."""
 
-    tile_width: int | None = None  # V heads per program; None: ~ the mean slots per cluster, at most 8
+    # V heads per program; None: 1 on small steps (SMALL_STEP_KEYS), else ~ the mean slots per cluster, at most 8
+    tile_width: int | None = None
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int | None = None
     # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
     # tiles, 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral elsewhere).
     min_split: int | None = None
-    waves: float = 8.0  # aim for this many programs per SM before splitting stops
-    # Tensor-core variant (_decode_split_dot_kernel); None: on for tile width <= 2, where its pipelined
+    # Aim for this many programs per SM before splitting stops; None: 2 on small steps, else 8.
+    waves: float | None = None
+    # Tensor-core variant (triton_split.split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
     use_dot: bool | None = None
     # Two-phase kernels (scores_kernel, pv_kernel); None: on when a V head is read by several clusters
@@ -272,9 +58,18 @@ class DecodeConfig:
     # than 2 from TWO_PHASE_MIN_KEYS keys (B * Tmax) on: there the FMA tiles measured 7-26% slower on
     # H200, below it (B=1, T=4096) 10% faster, as one launch fewer.
     two_phase: bool | None = None
+    # Single-pass tiles only: merge the splits in the split kernel (the last program of each tile,
+    # triton_split_merge.py) instead of a second launch; None: on small steps.
+    fuse_merge: bool | None = None
 
 
 TWO_PHASE_MIN_KEYS = 16384
+# Small steps (B * Tmax <= SMALL_STEP_KEYS) are latency-bound: one tile per (cluster, V head) on tensor cores,
+# few long splits (2 waves) whose loads pipeline across ~8 key blocks, and the merge in the same launch. On the
+# H200 at B=1, T=4096 (benchmarks/sweep_b1_decode.py) MHA C=4/8/16 went from 24.8/27.8/30.8 to 21.6/22.8/25.2 us
+# and GQA C=4 from 16.0 to 13.9 us. Forced at B=8, T=4096 they lost (MHA C=4 115 vs 95 us); at B=1, T=16384
+# they won for C=4, the only C measured there, so the threshold stays at what was measured.
+SMALL_STEP_KEYS = 4096
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -344,7 +139,9 @@ def clustered_decode(
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q, k_cache and v_cache need a contiguous last dim")
     cfg = config or _DEFAULT
-    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width)
+    t_len = max_length or t_max
+    small = batch * t_len <= SMALL_STEP_KEYS
+    plan = get_plan(cluster_offsets, k_head_index, v_head_index, cfg.tile_width or (1 if small else None))
     if plan.num_clusters != num_clusters:
         raise ValueError(f"q has {num_clusters} cluster queries, the mapping {plan.num_clusters} clusters")
     if plan.max_k_head >= k_cache.shape[1] or plan.max_v_head >= v_cache.shape[1]:
@@ -355,7 +152,6 @@ def clustered_decode(
         span = span.to(torch.int32)
     num_heads = plan.num_heads
     width = plan.tile_width
-    t_len = max_length or t_max
     two_phase = cfg.two_phase
     if two_phase is None:
         two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
@@ -367,7 +163,8 @@ def clustered_decode(
 
     dev = q.device
     programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
-    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, cfg.waves, _sm_count(dev))
+    waves = cfg.waves or (2.0 if small else 8.0)
+    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, waves, _sm_count(dev))
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
@@ -378,6 +175,12 @@ def clustered_decode(
 
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     span_arg = span if span is not None else lengths
+    fuse = not two_phase and (small if cfg.fuse_merge is None else cfg.fuse_merge)
+    # Counters are only touched when fused; a stand-in keeps the unfused launch allocation-free. BLOCK_S keeps
+    # the merge's [width, BLOCK_S, d] partials near 8K floats in registers.
+    counters = merge_counters(dev, batch * programs) if fuse else lengths
+    merge_args = dict(FUSE_MERGE=fuse, G=plan.heads_per_slot,
+                      BLOCK_S=max(1, min(32, triton.next_power_of_2(n_split), 8192 // (width * block_d))))
     if two_phase:
         scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,
@@ -385,7 +188,7 @@ def clustered_decode(
         # Phase 1 runs on fewer heads (the kept K heads): its own, finer split keeps the GPU busy. The
         # scores are indexed by key, so the two phases need not agree on the split.
         k_split, k_split_len = num_splits_for(
-            batch, plan.k_groups.shape[0], t_len, block_n, min_split, cfg.waves, _sm_count(dev)
+            batch, plan.k_groups.shape[0], t_len, block_n, min_split, waves, _sm_count(dev)
         )
         scores_kernel[(plan.k_groups.shape[0], k_split, batch)](
             q, k_cache, lengths, span_arg, plan.k_groups, scores,
@@ -404,23 +207,25 @@ def clustered_decode(
     else:
         use_dot = width <= 2 if cfg.use_dot is None else cfg.use_dot
         use_dot = use_dot and v_cache.stride(1) % 8 == 0 and v_cache.stride(0) % 8 == 0  # 16-byte aligned V rows
-        kernel = _decode_split_dot_kernel if use_dot else _decode_split_kernel
+        kernel = split_dot_kernel if use_dot else split_kernel
         extra = {"DOT_PRECISION": precision} if use_dot else {}
         kernel[(plan.num_tiles, n_split, batch)](
-            q, k_cache, v_cache, lengths, span_arg, plan.tiles, work,
+            q, k_cache, v_cache, lengths, span_arg, plan.tiles, work, counters, plan.heads_of_slot, out,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
             plan.num_slots, n_split, ml_offset,
             scale * LOG2E, split_len, sinks,
             HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
-            num_warps=cfg.num_warps, num_stages=stages, **extra,
+            num_warps=cfg.num_warps, num_stages=stages, **extra, **merge_args,
         )  # fmt: skip
-    _decode_reduce_kernel[(num_heads, batch)](
-        work, plan.slot_of_head, out,
-        out.stride(0), out.stride(1),
-        plan.num_slots, n_split, ml_offset,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
-        num_warps=4,
-    )  # fmt: skip
+    if not fuse:
+        reduce_kernel[(num_heads, batch)](
+            work, plan.slot_of_head, out,
+            out.stride(0), out.stride(1),
+            plan.num_slots, n_split, ml_offset,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(n_split)),
+            num_warps=4,
+        )  # fmt: skip
     return out

@@ -3,8 +3,8 @@ groups. Phase 1 (one program per K head, split, sequence) scores all clusters of
 tl.dot and writes the fp32 scores, B * C * T floats (1/64 of the K bytes per cluster at d=128). Phase
 2 (one program per V head, split, sequence) reads each V row once and runs the online softmax and P.V
 for every slot (cluster, V head) of that V head, writing the same partial results as the tile kernels
-so _decode_reduce_kernel merges them. The single-pass tile kernels read a V head once per cluster that
-uses it: up to 3x the dense V traffic on GQA layouts that scatter the KV groups.
+so reduce_kernel (triton_split_merge.py) merges them. The single-pass tile kernels read a V head once per
+cluster that uses it: up to 3x the dense V traffic on GQA layouts that scatter the KV groups.
 
 Launched by chai_compile.kernels.triton_decode.clustered_decode, which picks between the two paths.
 """
@@ -132,7 +132,7 @@ def pv_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # Same workspace layout as _decode_split_kernel; slots of one group need not be adjacent.
+    # Same workspace layout as triton_split.split_kernel; slots of one group need not be adjacent.
     part = (b * num_slots + slot) * num_splits + split
     tl.store(Work + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=r_valid[:, None] & dmask[None, :])
     tl.store(Work + ml_offset + part, m_i, mask=r_valid)
