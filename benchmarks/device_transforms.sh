@@ -8,13 +8,15 @@
 # After benchmarks/device_stage.sh unpack (the model, gguf and the evaluation sets). Jobs write under /root/jobs.
 # MODEL=../shared/data/models/stories260K-mha CONTEXT=512 SMALL=1 runs the same pipeline small (a dry run).
 #
-# Plans at a 4096-token context, calibrated on WikiText-2 valid (running-text windows, plus passage-repeat
-# windows where spans are planned): CHAI + spans + shared layers at 40% KV (measured KL); spans only at 40%
-# (ranked by the profile); shared layers only, as many as keep calibration perplexity within +5%. The CHAI-only
-# row is the measured-loss 20% plan of issue 18 (docs/results/frontier/smollm2/kv20/planned.json). Each is
-# then scored beside the original (`chai-compile sweep`): the 8 tasks (500 items, COPA 100), WikiText-2 test
-# perplexity in 1024 and 4096-token windows, passkey at 1k-8k (25 items per length), KV bytes measured at 4k
-# and 8k; the StreamingLLM plan at the combined plan's saving is scored the same way.
+# What it runs (the 2026-11-29 H200 run, docs/results/spans/smollm2-4k-h200/): plans at a 4096-token context,
+# calibrated on WikiText-2 valid (running-text windows plus passage-repeat windows; a span must keep its mass on
+# both): cm75 = CHAI + spans + shared layers at 40% KV by measured KL (span mass 0.75; 1 + 1 windows); span40m75
+# = spans only at 40%, ranked by the profile (mass 0.75); span40 = the same at mass 0.9 (24.7% reachable);
+# combined40 = CHAI + spans + shared at mass 0.9 (CHAI fills the gap); shared = shared layers within +5%
+# calibration perplexity. The CHAI-only row is issue 18's measured-loss 20% plan. Then `chai-compile sweep`
+# beside the original: the 8 tasks (500 items, COPA 100) at batch 16; WikiText-2 test perplexity in
+# 4096-token windows, passkey at 1k-8k (25 items per length) and KV bytes at 4k and 8k at batch 2 (the eager
+# span prefill holds B x heads x T x T scores); the StreamingLLM plan at combined40's saving the same way.
 set -uo pipefail
 J=${JOBS:-/root/jobs}
 mkdir -p "$J"
@@ -28,13 +30,15 @@ CALIB=$EVAL/wikitext2/valid.txt
 CHAI20=docs/results/frontier/smollm2/kv20/planned.json
 if [ -n "${SMALL:-}" ]; then  # dry run: short windows, few items
   WIN=(--seq-len 256 --samples 1 --recall-samples 1 --batch-size 1)
-  ITEMS=(--limit 3 --passkey-lengths 256,512 --kv-context 512)
-  TASKS=piqa,copa,wikitext2,passkey
+  SHORT=(--limit 3 --batch-size 4); SHORT_TASKS=piqa,copa,wikitext2
+  LONG=(--limit 3 --passkey-lengths 256,512 --kv-context 512 --batch-size 1); LONG_TASKS=passkey
 else
   WIN=(--seq-len "$CONTEXT" --samples 2 --recall-samples 2 --batch-size 2)
-  ITEMS=(--limit 500 --passkey-lengths 1k,2k,4k,8k --kv-context 4096,8192 --batch-size 16)
-  TASKS=piqa,hellaswag,arc_easy,boolq,copa,openbookqa,lambada,wikitext2,wikitext2-4k,passkey
+  SHORT=(--limit 500 --batch-size 16); SHORT_TASKS=piqa,hellaswag,arc_easy,boolq,copa,openbookqa,lambada,wikitext2
+  LONG=(--limit 500 --passkey-lengths 1k,2k,4k,8k --kv-context 4096,8192 --batch-size 2)
+  LONG_TASKS=wikitext2-4k,passkey
 fi
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 cc() { python3 -m chai_compile "$@"; }
 
 plan() {  # name, then plan flags; a --kv-target above the best reachable is retried just below that bound
@@ -73,12 +77,14 @@ print(f"streaming plan 4 + {window} at {100 * saving:.2f}% KV")
 EOF
 }
 
-sweep() {  # name, then plan files
-  local name=$1 m maps=(); shift
+sweep() {  # name, short|long, then plan files
+  local name=$1 kind=$2 m maps=(); shift 2
   for m in "$@"; do maps+=(--mappings "$m"); done
-  cc sweep "$MODEL" --no-default "${maps[@]}" --tasks "$TASKS" "${ITEMS[@]}" --data-dir "$EVAL" \
-    --device "$DEVICE" --out "$J/s/$name" --overwrite >"$J/sweep-$name.log" 2>&1
-  echo "sweep $name exit $?" >>"$J/done"
+  local items=("${SHORT[@]}") tasks=$SHORT_TASKS
+  [ "$kind" = long ] && items=("${LONG[@]}") && tasks=$LONG_TASKS
+  cc sweep "$MODEL" --no-default "${maps[@]}" --tasks "$tasks" "${items[@]}" --data-dir "$EVAL" \
+    --device "$DEVICE" --out "$J/s/$name-$kind" --overwrite >"$J/sweep-$name-$kind.log" 2>&1
+  echo "sweep $name-$kind exit $?" >>"$J/done"
 }
 
 case "${1:-}" in
@@ -92,14 +98,20 @@ case "${1:-}" in
         { python3 -m pytest -q -m gpu tests/test_span_kernel.py tests/test_kernels.py tests/test_rewrite_gpu.py \
             >$J/gputests.log 2>&1; echo \"gputests exit \$?\" >>$J/done; } &
       fi
-      plan combined40 --kv-target 0.4 --transforms chai,span,shared --per-round 24 &
+      WIN=(\${WIN[@]:0:2} --samples 1 --recall-samples 1 --batch-size 2)
+      plan cm75 --kv-target 0.4 --transforms chai,span,shared --per-round 48 --span-mass 0.75 &
+      wait
+      source benchmarks/device_transforms.sh functions
+      plan span40m75 --kv-target 0.4 --transforms span --rank profile --span-mass 0.75 &
       plan span40 --kv-target 0.4 --transforms span --rank profile &
+      plan combined40 --kv-target 0.4 --transforms chai,span,shared --per-round 24 &
       plan shared --max-ppl-increase 0.05 --transforms shared --per-round 8 &
       wait
       streaming combined40 >$J/streaming.log 2>&1
       chai=$CHAI20; [ -n \"\${SMALL:-}\" ] && chai=
-      sweep combined $J/p/combined40/plan.json $J/p/streaming-*.json &
-      sweep single $J/p/span40/plan.json $J/p/shared/plan.json \$chai &
+      all=\"$J/p/cm75/plan.json $J/p/span40m75/plan.json $J/p/span40/plan.json $J/p/combined40/plan.json\"
+      sweep all short \$all $J/p/shared/plan.json \$chai &
+      sweep all long \$all $J/p/streaming-*.json $J/p/shared/plan.json \$chai &
       wait
       echo all-done >>$J/done" >"$J/driver.log" 2>&1 &
     sleep 2; echo launched ;;
@@ -109,8 +121,8 @@ case "${1:-}" in
     for f in "$J"/*.log; do printf '%s: %s\n' "$(basename "$f")" "$(tr '\r' '\n' <"$f" | grep -v '^\s*$' | tail -1 | cut -c1-150)"; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null ;;
   decode)
-    python3 benchmarks/bench_transforms_decode.py "$MODEL" --plans "$J/p/combined40/plan.json" \
-      "$J/p/span40/plan.json" --contexts 4096,16384 --batch 1,8 --dtype bf16 --device "$DEVICE" \
+    python3 benchmarks/bench_transforms_decode.py "$MODEL" --plans "$J/p/cm75/plan.json" \
+      "$J/p/span40m75/plan.json" --contexts 4096,16384 --batch 1,8 --iters 20 --dtype bf16 --device "$DEVICE" \
       --out "$J/decode_h200.json" 2>"$J/decode.log" | tail -12 ;;
   collect)
     (cd "$J" && tar czf "$OUT/transforms.tgz" --exclude='*.safetensors' --exclude='*.gguf' p s ./*.log done \
