@@ -39,14 +39,8 @@ DEVICE = "cuda"
 # ------------------------------------------------------------------------------------ timing ---
 
 
-def time_ms(fn: Callable[[], object], graph: bool = True) -> float:
-    """Median ms per call; graph=True replays a CUDA graph of fn (no CPU launch overhead)."""
-    import triton.testing
-
-    fn()  # compile / warm up outside the capture
-    torch.cuda.synchronize()
-    if not graph:
-        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of fn (already warmed up), captured after one run on a side stream as torch requires."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -55,6 +49,18 @@ def time_ms(fn: Callable[[], object], graph: bool = True) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g
+
+
+def time_ms(fn: Callable[[], object], graph: bool = True) -> float:
+    """Median ms per call; graph=True replays a CUDA graph of fn (no CPU launch overhead)."""
+    import triton.testing
+
+    fn()  # compile / warm up outside the capture
+    torch.cuda.synchronize()
+    if not graph:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+    g = capture_graph(fn)
     t = float(triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median"))
     del g
     return t

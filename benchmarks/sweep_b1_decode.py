@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernels import DEVICE, DT, D, H, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, sdpa_flash, time_ms  # noqa: E402,I001
+from bench_kernels import (  # noqa: E402,I001
+    DEVICE, DT, D, H, capture_graph, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, sdpa_flash, time_ms,
+)
 
 from chai_compile.kernels import DecodeConfig  # noqa: E402
 from chai_compile.kernels.tile_plan import auto_tile_width  # noqa: E402
@@ -65,14 +67,7 @@ def time_ms_clean(fn, n: int = 200) -> float:
     """
     fn()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
+    g = capture_graph(fn)
     flush = torch.ones(64 << 20, dtype=torch.int32, device=DEVICE)
     times = []
     for i in range(n + 10):
