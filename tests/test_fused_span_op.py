@@ -5,7 +5,6 @@ window, left padding, GQA, both cache contracts); bad span attributes as one lin
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -145,8 +144,8 @@ def test_compiled_op_matches_the_reference_over_a_sequence(ort_ops_library, laye
 
 def test_python_op_runs_the_span_path():
     pytest.importorskip("onnxruntime_extensions")
-    from chai_compile.export.ort_runner import _extensions_library
     from chai_compile.export.ort_python_op import ort_ready_model
+    from chai_compile.export.ort_runner import _extensions_library
 
     attrs = attrs_of(GROUP, True)
     opts = ort.SessionOptions()
