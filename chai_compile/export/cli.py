@@ -26,10 +26,12 @@ def exportable_kinds(attention: str, kv_cache: str = KVCacheMode.CONCAT, fmt: st
     """Layer kinds an export carries out: the portable graph every kind (a shared layer is P.V with a K cache of
     zero heads, a span layer masks its scores and keeps bounded caches as their own tensors); the fused graph
     too with the concat cache (span layers as nodes with ring caches, shared layers and their sources left
-    portable). With the in-place cache every layer is a node of full-length buffers: dense and clustered only;
-    and the TensorRT plugin has no span path, nor do engines run shared layers."""
+    portable). With the in-place cache every layer is a node: no shared layer. The TensorRT plugin has no span
+    path, and engines are built from graphs of nodes and dense layers only."""
     if attention == AttentionForm.PORTABLE or (kv_cache == KVCacheMode.CONCAT and fmt == ExportFormat.ONNX):
         return tuple(LayerKind)
+    if fmt == ExportFormat.ONNX:
+        return (LayerKind.DENSE, LayerKind.CLUSTERED, LayerKind.SPAN)
     return (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 

@@ -181,8 +181,8 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = KVCache
     Shared layers, and the layers whose probabilities they reuse (a node hands out no probabilities), stay
     in the portable form inside the fused graph, as dense layers do. kv_cache="inplace" gives every node
     the shared-buffer contract, so every layer must be a node: dense layers become identity-clustered ones
-    first (one head per cluster: the same function); shared and span layers are refused
-    (onnx_export.refuse_unexportable)."""
+    first (one head per cluster: the same function), span layers' nodes take their bounded caches as ring
+    buffers, and shared layers are refused (onnx_export.refuse_unexportable)."""
     from chai_compile.export.fused_span import FusedSpanAttention
     from chai_compile.rewrite.shared import SharedAttention
     from chai_compile.rewrite.span import SpanAttention
@@ -201,8 +201,9 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = KVCache
     sources = {m.source for m in every if isinstance(m, SharedAttention)}
     layers = [m for m in every if not isinstance(m, SharedAttention) and m.layer_idx not in sources]
     if not layers:
-        raise ExportError("the fused form needs a CHAI-rewritten model (no clustered or span layer to fuse found)",
-                          fix="pass --mapping, or use --attention portable")
+        raise ExportError("the fused form found no clustered or span layer to fuse (shared layers and their "
+                          "sources stay portable)", value=len(every),
+                          fix="use --attention portable, or a plan with clustered or span layers")
     for layer in layers:  # all checked before any is replaced
         if not isinstance(layer, StaticClusteredAttention | SpanAttention):
             raise ExportError("the fused form needs static membership", value=str(layer.membership))

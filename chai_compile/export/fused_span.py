@@ -53,6 +53,7 @@ class FusedSpanAttention(nn.Module):
         self.groups = layer.groups
         self.mask = mask  # fused._MaskHolder: the 2D int32 mask of the call
         self.nodes = [group_attributes(layer, grp, kv_cache) for grp in layer.groups]
+        self.in_place = kv_cache == KVCacheMode.INPLACE
         order = []
         dev = layer.q_proj.weight.device
         for i, grp in enumerate(layer.groups):
@@ -96,8 +97,8 @@ class FusedSpanAttention(nn.Module):
                 out, present_k, present_v = run_node(qg, kg, vg, past_k, past_v, self.mask.mask, attrs)
                 presents.append((present_k, present_v))
             outs.append(out)
-        if not full:  # no unbounded head: zero heads, which still carry the past length (as the portable form)
-            b, _, s, d = k.shape
+        if not full and not self.in_place:  # no unbounded head: zero heads that carry the past length (in place,
+            b, _, s, d = k.shape  # the zero-head buffers already span it and are handed back as they came)
             none = k.new_zeros(b, 0, s, d)
             plain.keys, plain.values = torch.cat([plain.keys, none], 2), torch.cat([plain.values, none], 2)
         self.graph_cache.presents[self.layer_idx] = presents
