@@ -134,7 +134,6 @@ class FusedClusteredAttention(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = self.adapter.call_inputs(args, kwargs)
         q, k, v = positioned_qkv(self, call)
-        a = self.attributes
         # The node returns the present cache (concatenated, or the written buffer): it replaces the layer's
         # tensors in the DecoderWrapper's own DynamicCache, whose update() would concatenate a second time.
         layer = getattr(call.cache, "self_attention_cache", call.cache).layers[self.layer_idx]
