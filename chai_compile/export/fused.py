@@ -7,6 +7,8 @@ turns each call into a node in domain ai.onnx.contrib with the attributes of the
 (op_type = TensorRT plugin name, plus `plugin_namespace`). ONNX Runtime runs the node through the compiled
 op library (plugins/onnxruntime, see ort_ops) or, without it, the onnxruntime-extensions Python op of
 ort_python_op; either way the fused graph is verified by the same decode loop as the portable one.
+Span layers become one node per head group with ring caches (fused_span.py); shared layers and the layers
+whose probabilities they reuse stay portable inside the fused graph, as dense layers do.
 
 Heads are permuted at export so clusters are contiguous ranges (the layout); W_o's input columns are
 permuted the same way, which is exact, so no un-permute op is left in the graph.
