@@ -83,6 +83,10 @@ def test_one_node_per_head_group_with_the_group_ring(case):
     spans = sorted((sp.sinks, sp.window) for lm in plan.layers if lm.kind == LayerKind.SPAN for sp in lm.spans if sp)
     assert sorted(x for a in attrs for x in zip(a["span_sinks"], a["span_window"], strict=True) if x[1]) == spans
     assert dec.fused_op_runner.endswith(".so")
+    from chai_compile.export.ort_runner import _has_span_nodes
+
+    # The CUDA kernel has no span path: the runner keeps such graphs on the CPU unless told otherwise.
+    assert _has_span_nodes(onnx.load(str(out / "model.onnx"), load_external_data=False))
 
 
 @pytest.mark.parametrize("pad", [0, 7])
