@@ -108,7 +108,7 @@ OrtStatus* readTables(OrtKernelInfo const* info, Kernel& k)
     if (!err.empty())
         return fail(k.node, err);
     if (k.cuda && cfg.hasSpans())
-        return fail(k.node, "span attributes (ring_window / span_window) have no CUDA kernel; fix: run the graph on "
+        return fail(k.node, "span attributes (ring_window / span_window) have no CUDA kernel: run the graph on "
                             "the CPU execution provider, or export span layers with --attention portable");
     k.tables = cfg.toParams();
     return nullptr;
