@@ -53,6 +53,7 @@ from typing import Any
 import torch
 
 from chai_compile.choices import KVCacheMode
+from chai_compile.kernels.fused_span import span_reference
 from chai_compile.kernels.reference import clustered_attention
 from chai_compile.layout import ClusterLayout, check_offsets
 
@@ -85,7 +86,7 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
 )
 # Attributes a graph from before them may lack: the plugin and the op library take these defaults.
 OPTIONAL_DEFAULTS: dict[str, Any] = {"past_present_share_buffer": 0, "ring_sinks": 0, "ring_window": 0,
-                                     "span_sinks": [], "span_window": []}
+                                     "span_sinks": (), "span_window": ()}
 # past_present_share_buffer per KV-cache mode
 SHARE_BUFFER: dict[KVCacheMode, int] = {KVCacheMode.CONCAT: 0, KVCacheMode.INPLACE: 1}
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
@@ -167,7 +168,8 @@ def layer_attributes(layout: ClusterLayout, *, head_dim: int, scale: float, kv_c
 
 
 def validate_attributes(attrs: dict[str, Any]) -> None:
-    """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin)."""
+    """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin). Absent optional
+    attributes (OPTIONAL_DEFAULTS) are filled in, as the plugin and the op library read them."""
     missing = [n for n in ATTRIBUTE_NAMES if n not in attrs and n not in OPTIONAL_DEFAULTS]
     if missing:
         raise ValueError(f"ClusteredAttention attributes missing: {missing}")
@@ -230,8 +232,6 @@ def clustered_attention_reference(
     """
     validate_attributes(attrs)
     if has_spans(attrs):
-        from chai_compile.kernels.fused_span import span_reference
-
         return span_reference(query, key, value, past_key, past_value, attention_mask, attrs)
     h = int(attrs["num_heads"])
     b, _, s, d = query.shape
