@@ -131,7 +131,7 @@ def compiled_step(library, attrs: dict):
 
 
 @pytest.mark.parametrize("layer", [GROUP, CLUSTERED], ids=["group", "clustered"])
-@pytest.mark.parametrize("ring, share", [(True, 0), (True, 1), (False, 0)])
+@pytest.mark.parametrize("ring, share", [(True, 0), (True, 1), (False, 0), (False, 1)])
 def test_compiled_op_matches_the_reference_over_a_sequence(ort_ops_library, layer, ring, share):
     attrs = attrs_of(layer, ring, share)
     seq = sequence(layer, seed=1)
