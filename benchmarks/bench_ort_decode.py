@@ -89,8 +89,10 @@ def decode_times(dirs: list[Path], past: int, batch: int, iters: int, threads: i
     feeds = []
     for dec in decs:
         rows = past + 1 if dec.kv_cache == "inplace" else past
-        arrays = [_cache_values(rng, (batch, heads, rows, dec.head_dim), dec.float_type)
-                  for kh, vh in zip(dec.k_heads, dec.v_heads, strict=True) for heads in (kh, vh)]
+        # Every cache input by name, with the shape the graph's chai.cache gives it (span layers' bounded groups
+        # hold min(rows, sinks + window) rows).
+        shapes = {f"past_key_values.{name}": shape for name, shape in dec.cache.entries(batch, rows)}
+        arrays = [_cache_values(rng, shapes[name], dec.float_type) for name in dec.past_inputs]
         feeds.append((np.full((batch, 1), 5), np.ones((batch, past + 1), np.int64), np.full((batch, 1), past),
                       dec.wrap_cache(arrays)))
     for dec, f in zip(decs, feeds, strict=True):  # warm-up (CUDA kernels, allocator arenas)

@@ -68,6 +68,9 @@ SLOW_TESTS = {
     "test_rewrite_transforms.py::test_cli_export_of_a_shared_plan",  # ~25: a portable export, validated
     "test_export_spans.py::test_stories_planned_span_plan_exports_and_validates",  # a plan, export, verify
     "test_export_spans.py::test_stories_clustered_span_shared_plan_exports_and_validates",  # export, 300 steps
+    "test_export_fused_spans.py::test_stories_clustered_span_shared_plan_exports_fused_and_validates",  # ~10
+    "test_export_fused_spans.py::test_stories_planned_span_plan_exports_fused_and_validates",  # plan and export
+    "test_export_fused_spans.py::test_stories_span_plan_exports_fused_inplace_and_validates",  # ~8
 }
 # Modules that need CUDA throughout (the other GPU tests say so in their skipif reason).
 GPU_MODULES = {"test_rewrite_gpu.py"}

@@ -160,34 +160,23 @@ def test_cache_bytes_after_steps_equal_the_plan(case):
 
 
 # ---- refused forms --------------------------------------------------------------------------------
-@pytest.mark.parametrize("form, kv_cache, text", [("fused", "concat", "the fused form has no span layers"),
-                                                  ("fused", "inplace", "the in-place KV cache has no span layers")])
-def test_export_decoder_refuses_span_layers_outside_the_portable_form(tmp_path, form, kv_cache, text):
-    from chai_compile.errors import ExportError
-    from chai_compile.export.onnx_export import export_decoder
-
-    model = tiny3()
-    chai = apply_mapping(copy.deepcopy(model), plans(model)["span"])
-    with pytest.raises(ExportError) as e:
-        export_decoder(chai, tmp_path, attention=form, kv_cache=kv_cache)
-    assert text in one_line(e) and "fix: export with --attention portable" in one_line(e)
-
-
+# The fused form exports span layers too (tests/test_export_fused_spans.py); only TensorRT refuses them.
 @needs_stories
-@pytest.mark.parametrize("extra, text", [([], "the fused export of a span layer"),
-                                         (["--kv-cache", "inplace"], "the fused export with the in-place KV cache")])
-def test_cli_refuses_fused_and_inplace_span_exports(stories, tmp_path, extra, text):
+def test_cli_refuses_a_tensorrt_span_export(stories, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from chai_compile.cli import main
+    from chai_compile.export import tensorrt
 
+    monkeypatch.setattr(tensorrt, "import_tensorrt", lambda: None)  # the refusal comes first on any machine
+    monkeypatch.setenv("CHAI_TRT_PLUGIN", str(STORIES / "config.json"))  # any existing file
     plans(stories.model)["span"].write(tmp_path / "span.json")
-    r = CliRunner().invoke(main, ["export", str(STORIES), "--mapping", str(tmp_path / "span.json"), "--attention",
-                                  "fused", "--out", str(tmp_path / "out"), *extra])
+    r = CliRunner().invoke(main, ["export", str(STORIES), "--mapping", str(tmp_path / "span.json"), "--format",
+                                  "tensorrt", "--out", str(tmp_path / "out")])
     assert r.exit_code == 2, r.output
     err = [ln for ln in r.output.splitlines() if ln.startswith("chai-compile: error:")]
-    assert len(err) == 1 and text in err[0] and "fix: export the portable form" in err[0], r.output
-    assert not (tmp_path / "out").exists()
+    assert len(err) == 1 and "the TensorRT export of a span layer" in err[0], r.output
+    assert "fix: export the portable form" in err[0] and not (tmp_path / "out").exists()
 
 
 def test_other_runtimes_refuse_bounded_caches():

@@ -278,28 +278,28 @@ def test_rewrite_refuses_bad_shared_and_span_layers():
         assert not any(isinstance(m, ClusteredAttention) for m in model.modules())  # left as it was
 
 
-def test_fused_export_refuses_span_and_shared_layers(tmp_path):
-    """Only the portable form carries them out (tests/test_export_spans.py exports span layers)."""
+def test_fused_export_refusals_of_span_and_shared_plans(tmp_path):
+    """The fused form carries span and shared layers out with the concat cache (tests/test_export_fused_spans.py);
+    the in-place cache has no shared layers, and a plan with nothing to fuse has no fused graph."""
     from chai_compile.export.onnx_export import export_decoder
 
     orig = tiny3()
-    for name, text in (("mixed", "layer 1: the fused form has no span layers"),
-                       ("shared-dense", "layer 2: the fused form has no shared layers")):
+    for name, kv, text in (("mixed", "inplace", "layer 2: the in-place KV cache has no shared layers"),
+                           ("shared-dense", "concat", "the fused form found no clustered or span layer to fuse")):
         chai = apply_mapping(copy.deepcopy(orig), plans(orig)[name])
         with pytest.raises(ExportError) as e:
-            export_decoder(chai, tmp_path / name, attention="fused")
-        assert text in one_line(e) and "fix: export with --attention portable" in one_line(e)
+            export_decoder(chai, tmp_path / name, attention="fused", kv_cache=kv)
+        assert text in one_line(e) and "fix: " in one_line(e)
 
 
 @pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data/models/stories260K missing")
 def test_cli_export_of_a_shared_plan(stories, tmp_path):
     """Portable: validated against PyTorch (logits within 1e-4, same greedy tokens), layer 4's K cache has
-    zero heads. Fused exports of shared and span plans are refused before the model loads."""
+    zero heads. In-place fused exports of shared plans are refused before the model loads."""
     from chai_compile.export.cli import run_export
     from chai_compile.mapping import UnsupportedLayerKindError
 
-    for name in ("shared-dense", "span"):
-        plans(stories.model)[name].write(tmp_path / f"{name}.json")
+    plans(stories.model)["shared-dense"].write(tmp_path / "shared-dense.json")
     man = run_export(str(STORIES), str(tmp_path / "shared-dense.json"), False, "onnx", "portable", "fp32", 23,
                      str(tmp_path / "out"), False, log=lambda m: None)
     v = man["validation"]
@@ -311,12 +311,11 @@ def test_cli_export_of_a_shared_plan(stories, tmp_path):
     assert heads["past_key_values.4.key"] == 0 and heads["past_key_values.4.value"] == 4  # the shared layer
     assert heads["past_key_values.0.key"] == 4
     assert max(v["max_abs_diff_past0"], v["max_abs_diff_past"], v["max_abs_diff_left_padded"]) <= 1e-4
-    for name, form in (("shared-dense", "fused"), ("span", "fused")):
-        with pytest.raises(UnsupportedLayerKindError) as e:
-            run_export(str(STORIES), str(tmp_path / f"{name}.json"), False, "onnx", form, "fp32", 23,
-                       str(tmp_path / f"{name}-{form}"), False, log=lambda m: None)
-        assert f"the {form} export of a" in one_line(e)
-        assert not (tmp_path / f"{name}-{form}").exists()
+    with pytest.raises(UnsupportedLayerKindError) as e:
+        run_export(str(STORIES), str(tmp_path / "shared-dense.json"), False, "onnx", "fused", "fp32", 23,
+                   str(tmp_path / "shared-inplace"), False, log=lambda m: None, kv_cache="inplace")
+    assert "the fused export with the in-place KV cache of a shared layer" in one_line(e)
+    assert not (tmp_path / "shared-inplace").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

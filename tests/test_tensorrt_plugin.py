@@ -146,10 +146,10 @@ def declared(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
 def test_declared_fields_match_fused_op_attributes(declared: list[list[str]]) -> None:
     fields = [row[1:] for row in declared if row[0] == "field"]
     assert [(name, onnx) for name, onnx, _ in fields] == list(fused_op.ATTRIBUTES)
-    # Graphs and engines from before the in-place contract lack past_present_share_buffer; the identity
-    # strings default to the plugin's own. Every other attribute must be there.
+    # Graphs and engines from before the in-place contract lack past_present_share_buffer, those from before
+    # spans the span attributes; the identity strings default to the plugin's own. Every other one must be there.
     optional = {name for name, _, need in fields if need == "optional"}
-    assert optional == {"plugin_namespace", "plugin_version", "past_present_share_buffer"}
+    assert optional == {"plugin_namespace", "plugin_version", *fused_op.OPTIONAL_DEFAULTS}
 
 
 def test_declared_validation_refuses_defaults_and_accepts_a_layer(declared: list[list[str]]) -> None:

@@ -5,6 +5,9 @@ then, in a span layer, one pair per bounded group G: `past_key_values.N.key_span
 [B, len(kv_heads), min(past, sinks + window), d]. Outputs are the same names under `present.N.`. A span
 layer's `key`/`value` hold only its unbounded KV heads (possibly none: they still carry the past length).
 
+Rows inside a bounded tensor: the portable form keeps them sorted and right-aligned (span_graph.py), the fused
+form as a ring (kernels/span_ring.py, kernels/fused_op.py); names, shapes and bytes are the same in both.
+
 `CacheSpec.to_dict` is written into the graph (`chai.cache` metadata) and the manifest; `CacheSpec.from_dict`
 is how the runner reads it back: one writer, one reader.
 """

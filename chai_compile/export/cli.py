@@ -21,12 +21,17 @@ from chai_compile.placement_options import device_map_options, parsed
 EXPORT_DTYPES = ("float32", "fp32", "float16", "fp16")
 
 
-def exportable_kinds(attention: str) -> tuple[LayerKind, ...]:
-    """Layer kinds an export form carries out: the portable graph every kind (a shared layer is P.V with a K
-    cache of zero heads, a span layer masks its scores and keeps bounded caches as their own tensors); the
-    fused node computes clustered scores over a full-length cache only."""
-    if attention == AttentionForm.PORTABLE:
+def exportable_kinds(attention: str, kv_cache: str = KVCacheMode.CONCAT, fmt: str = ExportFormat.ONNX
+                     ) -> tuple[LayerKind, ...]:
+    """Layer kinds an export carries out: the portable graph every kind (a shared layer is P.V with a K cache of
+    zero heads, a span layer masks its scores and keeps bounded caches as their own tensors); the fused graph
+    too with the concat cache (span layers as nodes with ring caches, shared layers and their sources left
+    portable). With the in-place cache every layer is a node: no shared layer. The TensorRT plugin has no span
+    path, and engines are built from graphs of nodes and dense layers only."""
+    if attention == AttentionForm.PORTABLE or (kv_cache == KVCacheMode.CONCAT and fmt == ExportFormat.ONNX):
         return tuple(LayerKind)
+    if fmt == ExportFormat.ONNX:
+        return (LayerKind.DENSE, LayerKind.CLUSTERED, LayerKind.SPAN)
     return (LayerKind.DENSE, LayerKind.CLUSTERED)
 
 
@@ -88,7 +93,8 @@ def run_export(model: str, mapping_path: str | None, no_mapping: bool, fmt: str,
         mapping = None if no_mapping else ClusterMapping.read(mapping_path)  # read first: a bad file fails fast
         if mapping is not None:  # before the model loads: a plan the form cannot express fails fast
             inplace = " with the in-place KV cache" if kv_cache == KVCacheMode.INPLACE else ""
-            mapping.require_supported(f"the {attention} export{inplace}", exportable_kinds(attention),
+            what = "the TensorRT export" if fmt == ExportFormat.TENSORRT else f"the {attention} export{inplace}"
+            mapping.require_supported(what, exportable_kinds(attention, kv_cache, fmt),
                                       fix="export the portable form (--attention portable, --kv-cache concat), "
                                           "which carries out every layer kind")
         tokenizer, source = load_source(model, mapping, placed)

@@ -7,6 +7,8 @@ turns each call into a node in domain ai.onnx.contrib with the attributes of the
 (op_type = TensorRT plugin name, plus `plugin_namespace`). ONNX Runtime runs the node through the compiled
 op library (plugins/onnxruntime, see ort_ops) or, without it, the onnxruntime-extensions Python op of
 ort_python_op; either way the fused graph is verified by the same decode loop as the portable one.
+Span layers become one node per head group with ring caches (fused_span.py); shared layers and the layers
+whose probabilities they reuse stay portable inside the fused graph, as dense layers do.
 
 Heads are permuted at export so clusters are contiguous ranges (the layout); W_o's input columns are
 permuted the same way, which is exact, so no un-permute op is left in the graph.
@@ -34,13 +36,14 @@ def clustered_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
     attention_mask: torch.Tensor, num_heads: int, cluster_offsets: list[int], k_head_index: list[int],
     v_head_index: list[int], num_k_heads: int, num_v_heads: int, head_dim: int, scale: float, causal: int,
-    past_present_share_buffer: int,
+    past_present_share_buffer: int, ring_sinks: int, ring_window: int, span_sinks: list[int], span_window: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager implementation: the contract's float64 reference, cast back to the query dtype."""
     attrs = fused_op.node_attributes(
         num_heads=num_heads, cluster_offsets=cluster_offsets, k_head_index=k_head_index,
         v_head_index=v_head_index, num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_dim=head_dim,
-        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer)
+        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer, ring_sinks=ring_sinks,
+        ring_window=ring_window, span_sinks=span_sinks, span_window=span_window)
     out, pk, pv = fused_op.clustered_attention_reference(query, key, value, past_key, past_value, attention_mask,
                                                          **attrs)
     return out.to(query.dtype), pk.clone(), pv.clone()
@@ -48,16 +51,22 @@ def clustered_attention(
 
 @clustered_attention.register_fake
 def _(query, key, value, past_key, past_value, attention_mask, num_heads, cluster_offsets, k_head_index,
-      v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer):
+      v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer, ring_sinks,
+      ring_window, span_sinks, span_window):
     b, _, s, d = query.shape
     if past_present_share_buffer:  # present_* are the buffers' shapes
         return query.new_empty(b, s, num_heads * d), torch.empty_like(past_key), torch.empty_like(past_value)
+    if ring_window:  # a ring: min(past + new, sinks + window) rows, the mask's length being past + new
+        rows = torch.sym_min(attention_mask.shape[1], ring_sinks + ring_window)
+        return (query.new_empty(b, s, num_heads * d), past_key.new_empty(b, past_key.shape[1], rows, d),
+                past_value.new_empty(b, past_value.shape[1], rows, d))
     return (query.new_empty(b, s, num_heads * d), torch.cat([past_key, key], dim=2),
             torch.cat([past_value, value], dim=2))
 
 
 def _translate(query, key, value, past_key, past_value, attention_mask, num_heads, cluster_offsets, k_head_index,
-               v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer):
+               v_head_index, num_k_heads, num_v_heads, head_dim, scale, causal, past_present_share_buffer, ring_sinks,
+               ring_window, span_sinks, span_window):
     """onnxscript translation: one node of the contract (attributes checked by fused_op.node_attributes)."""
     from onnxscript import values
 
@@ -65,7 +74,8 @@ def _translate(query, key, value, past_key, past_value, attention_mask, num_head
     attrs = fused_op.node_attributes(
         num_heads=num_heads, cluster_offsets=list(cluster_offsets), k_head_index=list(k_head_index),
         v_head_index=list(v_head_index), num_k_heads=num_k_heads, num_v_heads=num_v_heads, head_dim=head_dim,
-        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer)
+        scale=scale, causal=causal, past_present_share_buffer=past_present_share_buffer, ring_sinks=ring_sinks,
+        ring_window=ring_window, span_sinks=list(span_sinks), span_window=list(span_window))
     # values.Op, not getattr(contrib, ...): the domain has no registered onnx schema to look up.
     node = values.Op(contrib, fused_op.OP_TYPE, _op_schema())
     return node(query, key, value, past_key, past_value, attention_mask, **attrs)
@@ -126,15 +136,20 @@ class FusedClusteredAttention(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         call = self.adapter.call_inputs(args, kwargs)
         q, k, v = positioned_qkv(self, call)
-        a = self.attributes
         # The node returns the present cache (concatenated, or the written buffer): it replaces the layer's
         # tensors in the DecoderWrapper's own DynamicCache, whose update() would concatenate a second time.
         layer = getattr(call.cache, "self_attention_cache", call.cache).layers[self.layer_idx]
-        out, layer.keys, layer.values = torch.ops.chai.clustered_attention(
-            q, k, v, layer.keys, layer.values, self.mask.mask, a["num_heads"], a["cluster_offsets"],
-            a["k_head_index"], a["v_head_index"], a["num_k_heads"], a["num_v_heads"], a["head_dim"], a["scale"],
-            a["causal"], a["past_present_share_buffer"])
+        out, layer.keys, layer.values = run_node(q, k, v, layer.keys, layer.values, self.mask.mask, self.attributes)
         return self.o_proj(out), None
+
+
+def run_node(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
+             mask: torch.Tensor, a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The custom op (one node of the graph) with the attributes `a` of fused_op.node_attributes."""
+    return torch.ops.chai.clustered_attention(
+        q, k, v, past_key, past_value, mask, a["num_heads"], a["cluster_offsets"], a["k_head_index"],
+        a["v_head_index"], a["num_k_heads"], a["num_v_heads"], a["head_dim"], a["scale"], a["causal"],
+        a["past_present_share_buffer"], a["ring_sinks"], a["ring_window"], a["span_sinks"], a["span_window"])
 
 
 def _static_dense_layers(model: nn.Module) -> None:
@@ -162,10 +177,17 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = KVCacheMode.CONCAT
                   ) -> tuple[nn.Module, dict[Any, Any]]:
-    """The DecoderWrapper (a copy, or itself) with static layers running the custom op; plus the table.
+    """The DecoderWrapper (a copy, or itself) with static and span layers running the custom op; plus the table.
 
-    kv_cache="inplace" gives every node the shared-buffer contract, so every layer must be a node: dense
-    layers become identity-clustered ones first (one head per cluster: the same function)."""
+    Shared layers, and the layers whose probabilities they reuse (a node hands out no probabilities), stay
+    in the portable form inside the fused graph, as dense layers do. kv_cache="inplace" gives every node
+    the shared-buffer contract, so every layer must be a node: dense layers become identity-clustered ones
+    first (one head per cluster: the same function), span layers' nodes take their bounded caches as ring
+    buffers, and shared layers are refused (onnx_export.refuse_unexportable)."""
+    from chai_compile.export.fused_span import FusedSpanAttention
+    from chai_compile.rewrite.shared import SharedAttention
+    from chai_compile.rewrite.span import SpanAttention
+
     if kv_cache not in KVCacheMode.values():
         raise ExportError(f"--kv-cache must be one of {', '.join(KVCacheMode.values())}", value=kv_cache)
     mode = KVCacheMode(kv_cache)
@@ -176,13 +198,18 @@ def prepare_fused(wrapper: nn.Module, copy: bool = True, kv_cache: str = KVCache
         wrapper.inplace_cache = True
     holder = _MaskHolder()
     wrapper.before_call = holder
-    layers = [m for m in wrapper.modules() if isinstance(m, ClusteredAttention)]
+    every = [m for m in wrapper.modules() if isinstance(m, ClusteredAttention)]
+    sources = {m.source for m in every if isinstance(m, SharedAttention)}
+    layers = [m for m in every if not isinstance(m, SharedAttention) and m.layer_idx not in sources]
     if not layers:
-        raise ExportError("the fused form needs a CHAI-rewritten model (no clustered layer found)",
-                          fix="pass --mapping, or use --attention portable")
+        raise ExportError("the fused form found no clustered or span layer to fuse (shared layers and their "
+                          "sources stay portable)", value=len(every),
+                          fix="use --attention portable, or a plan with clustered or span layers")
     for layer in layers:  # all checked before any is replaced
-        if not isinstance(layer, StaticClusteredAttention):
+        if not isinstance(layer, StaticClusteredAttention | SpanAttention):
             raise ExportError("the fused form needs static membership", value=str(layer.membership))
     for layer in layers:
-        _replace(wrapper, layer, FusedClusteredAttention(layer, holder, mode))
+        fused = FusedSpanAttention(layer, holder, mode) if isinstance(layer, SpanAttention) else \
+            FusedClusteredAttention(layer, holder, mode)
+        _replace(wrapper, layer, fused)
     return wrapper, {torch.ops.chai.clustered_attention.default: _translate}

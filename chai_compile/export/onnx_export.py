@@ -54,20 +54,18 @@ def check_opset(attention: str, opset: int) -> None:
 
 
 def refuse_unexportable(model: nn.Module, attention: str, kv_cache: str = KVCacheMode.CONCAT) -> None:
-    """Shared and span layers have only the portable form (the fused node computes its own clustered scores
-    over a full-length cache): refused whichever path built the model."""
+    """The in-place KV cache needs every layer to be a node: shared layers, which reuse probabilities that no
+    node hands out, are refused whichever path built the model. The fused form with the concat cache carries
+    them out (left portable inside it, export/fused.py); span layers are nodes in both (fused_span.py)."""
     from chai_compile.rewrite.shared import SharedAttention
-    from chai_compile.rewrite.span import SpanAttention
 
-    if attention == AttentionForm.PORTABLE:
+    if attention == AttentionForm.PORTABLE or kv_cache != KVCacheMode.INPLACE:
         return
     for m in model.modules():
-        if isinstance(m, SharedAttention | SpanAttention):
-            kind = "shared" if isinstance(m, SharedAttention) else "span"
-            form = "the in-place KV cache" if kv_cache == KVCacheMode.INPLACE else f"the {attention} form"
-            raise ExportError(f"layer {m.layer_idx}: {form} has no {kind} layers (only the portable form exports "
-                              "them)", value=kind, fix="export with --attention portable (and the default "
-                              "--kv-cache concat), or a plan without shared and span layers")
+        if isinstance(m, SharedAttention):
+            raise ExportError(f"layer {m.layer_idx}: the in-place KV cache has no shared layers (the fused form with "
+                              "the concat cache and the portable form export them)", value="shared",
+                              fix="export with --kv-cache concat, or a plan without shared layers")
 
 
 def cache_spec(model: nn.Module) -> CacheSpec:

@@ -13,7 +13,7 @@ import torch
 
 from chai_compile.kernels import fused_op
 
-_LIST_ATTRS = ("cluster_offsets", "k_head_index", "v_head_index")
+_LIST_ATTRS = ("cluster_offsets", "k_head_index", "v_head_index", "span_sinks", "span_window")
 _STR_SUFFIX = "__json"  # ORT python ops read only scalar attributes: lists travel as JSON strings there
 
 
@@ -27,14 +27,14 @@ def register_ort_op() -> None:
 
     f, i32, i64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_int64
     attrs = {"num_heads": i64, "num_k_heads": i64, "num_v_heads": i64, "head_dim": i64, "causal": i64,
-             "past_present_share_buffer": i64, "scale": PyCustomOpDef.dt_float}
+             "past_present_share_buffer": i64, "ring_sinks": i64, "ring_window": i64, "scale": PyCustomOpDef.dt_float}
     attrs.update({n + _STR_SUFFIX: PyCustomOpDef.dt_string for n in _LIST_ATTRS})
 
     @onnx_op(op_type=fused_op.OP_TYPE, domain=fused_op.DOMAIN, inputs=[f, f, f, f, f, i32], outputs=[f, f, f],
              attrs=attrs)
     def _clustered_attention(query, key, value, past_key, past_value, attention_mask, **kw):
         kw = {n.removesuffix(_STR_SUFFIX): json.loads(v) if n.endswith(_STR_SUFFIX) else v for n, v in kw.items()}
-        kw.setdefault("past_present_share_buffer", 0)
+        kw = {**fused_op.OPTIONAL_DEFAULTS, **kw}  # a graph from before an optional attribute lacks it
         query, *rest = (torch.from_numpy(np.asarray(a)) for a in
                         (query, key, value, past_key, past_value, attention_mask))
         out, pk, pv = fused_op.clustered_attention_reference(query, *rest, **fused_op.node_attributes(**kw))

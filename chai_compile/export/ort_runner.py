@@ -61,8 +61,9 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
             runs_fused = "python-reference"
     if providers is None:
         avail = ort.get_available_providers()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in avail \
-            else ["CPUExecutionProvider"]
+        # Span nodes have no CUDA kernel (fused_op, "Span layers"): such graphs run on the CPU unless asked.
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] \
+            if "CUDAExecutionProvider" in avail and not _has_span_nodes(proto) else ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in providers:
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when the system has none on its path
@@ -76,6 +77,13 @@ def _session(path: Path, providers: list[str] | None, threads: int | None, confi
         if err is None:
             raise
         raise err from None
+
+
+def _has_span_nodes(proto: Any) -> bool:
+    import onnx
+
+    return any(fused_op.has_spans({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+               for n in proto.graph.node if n.domain == fused_op.DOMAIN and n.op_type == fused_op.OP_TYPE)
 
 
 def _extensions_library() -> str:

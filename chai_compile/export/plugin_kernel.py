@@ -47,6 +47,10 @@ class ChaiClusteredAttentionParams(ctypes.Structure):
         ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_size_t),
         ("num_splits", ctypes.c_int32),
+        ("ring_sinks", ctypes.c_int32),
+        ("ring_window", ctypes.c_int32),
+        ("span_sinks", ctypes.c_void_p),  # host tables of the CPU kernel's span path: null for the CUDA kernel
+        ("span_window", ctypes.c_void_p),
     ]
 
 

@@ -107,8 +107,11 @@ class SpanGraphCache:
 
 @contextlib.contextmanager
 def graph_span_layers(wrapper: nn.Module) -> Iterator[None]:
-    """Route the span layers under `wrapper` (a DecoderWrapper) through one SpanGraphCache while inside."""
-    layers = [m for m in wrapper.modules() if isinstance(m, SpanAttention)]
+    """Route the span layers under `wrapper` (a DecoderWrapper) through one SpanGraphCache while inside: the
+    portable ones and the fused form's (export/fused_span.py), which may sit in one graph."""
+    from chai_compile.export.fused_span import FusedSpanAttention
+
+    layers = [m for m in wrapper.modules() if isinstance(m, SpanAttention | FusedSpanAttention)]
     if not layers:
         yield
         return

@@ -19,6 +19,31 @@ Two KV-cache contracts (attribute past_present_share_buffer):
                rows; present_* have the same shape and equal past_* with rows [P, P+S) replaced by the new
                key/value (P+S <= L). Bound to one buffer (ONNX Runtime IO binding, as GroupQueryAttention's
                past_present_share_buffer) a decode step writes only the new token's K and V.
+
+Span layers (attributes ring_sinks, ring_window, span_sinks, span_window; absent or zero: none of this).
+A span layer exports as one node per head group of `rewrite.span.head_groups` (its unbounded KV heads, then
+each bounded group), because one cache tensor holds one storage rule: the node's K and V caches are the
+group's own tensors of export/cache_layout.py, and the output columns of the nodes are gathered back into
+the layer's head order inside W_o (exact, as the cluster permutation).
+  span_sinks, span_window [C]: cluster c's query row of real index i reads key j (real indices: a sequence's
+               tokens counted without its padding) when 0 <= j <= i and (span_window[c] == 0 or
+               j < span_sinks[c] or j > i - span_window[c]): the rewrite's span rule. With any span (or a
+               ring) a padding query row reads nothing (zeros), and causal must be 1.
+  ring_sinks, ring_window: ring_window = 0, the K/V caches are the full-length ones above. ring_window > 0,
+               they are rings of at most N = ring_sinks + ring_window rows holding the first ring_sinks and
+               the last ring_window real tokens, real token r in row slot(r) (kernels/span_ring.py, the one
+               statement of the rule, which the rewrite's own cache follows too). P = attention_mask.shape[1]
+               - S past slots; the rows' real indices follow from the mask's ones among them, so no index
+               travels. Concat: past_* hold min(P, N) rows, present_* min(P+S, N): the past copied, then each
+               new token that is still kept written at its slot (one row per decode step once full).
+               In place: past_* and present_* are one buffer of L >= min(P+S, N) rows, only the kept new
+               rows written. Every cluster needs a span inside the ring (span_window in [1, ring_window],
+               span_sinks <= ring_sinks). Prefill with a past reads the ring rows and all S new rows before
+               any is overwritten, each row masked by its own span.
+Why per group and a ring: decode then reads and writes N rows per bounded head whatever the context, with
+no index tensor and no gather, and the op keeps its six inputs and three outputs (TensorRT plugins have
+fixed I/O). The CUDA kernel (TensorRT plugin, CUDA execution provider) has no span path: nodes with span
+attributes are refused when the plugin or the CUDA kernel is created; the CPU op and the Python op run them.
 """
 
 from __future__ import annotations
@@ -28,6 +53,7 @@ from typing import Any
 import torch
 
 from chai_compile.choices import KVCacheMode
+from chai_compile.kernels.fused_span import span_reference
 from chai_compile.kernels.reference import clustered_attention
 from chai_compile.layout import ClusterLayout, check_offsets
 
@@ -53,7 +79,14 @@ ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("scale", "float"),
     ("causal", "int"),
     ("past_present_share_buffer", "int"),
+    ("ring_sinks", "int"),
+    ("ring_window", "int"),
+    ("span_sinks", "ints"),
+    ("span_window", "ints"),
 )
+# Attributes a graph from before them may lack: the plugin and the op library take these defaults.
+OPTIONAL_DEFAULTS: dict[str, Any] = {"past_present_share_buffer": 0, "ring_sinks": 0, "ring_window": 0,
+                                     "span_sinks": (), "span_window": ()}
 # past_present_share_buffer per KV-cache mode
 SHARE_BUFFER: dict[KVCacheMode, int] = {KVCacheMode.CONCAT: 0, KVCacheMode.INPLACE: 1}
 ATTRIBUTE_NAMES: tuple[str, ...] = tuple(name for name, _ in ATTRIBUTES)
@@ -94,8 +127,14 @@ def node_attributes(
     scale: float,
     causal: int = 1,
     past_present_share_buffer: int = 0,
+    ring_sinks: int = 0,
+    ring_window: int = 0,
+    span_sinks: list[int] | None = None,
+    span_window: list[int] | None = None,
 ) -> dict[str, Any]:
-    """The attribute dict of one node, in contract order, checked for consistency."""
+    """The attribute dict of one node, in contract order, checked for consistency. Spans default to none
+    (zeros: every cluster attends all its keys), the caches to full length (ring_window 0)."""
+    c = len(cluster_offsets) - 1
     attrs: dict[str, Any] = {
         "plugin_namespace": PLUGIN_NAMESPACE,
         "plugin_version": PLUGIN_VERSION,
@@ -110,6 +149,10 @@ def node_attributes(
         "scale": float(scale),
         "causal": int(causal),
         "past_present_share_buffer": int(past_present_share_buffer),
+        "ring_sinks": int(ring_sinks),
+        "ring_window": int(ring_window),
+        "span_sinks": [int(x) for x in (span_sinks if span_sinks is not None else [0] * c)],
+        "span_window": [int(x) for x in (span_window if span_window is not None else [0] * c)],
     }
     validate_attributes(attrs)
     return attrs
@@ -125,10 +168,12 @@ def layer_attributes(layout: ClusterLayout, *, head_dim: int, scale: float, kv_c
 
 
 def validate_attributes(attrs: dict[str, Any]) -> None:
-    """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin)."""
-    missing = [n for n in ATTRIBUTE_NAMES if n not in attrs]
+    """Raise ValueError when the attributes cannot describe a layer (same rules as the plugin). Absent optional
+    attributes (OPTIONAL_DEFAULTS) are filled in, as the plugin and the op library read them."""
+    missing = [n for n in ATTRIBUTE_NAMES if n not in attrs and n not in OPTIONAL_DEFAULTS]
     if missing:
         raise ValueError(f"ClusteredAttention attributes missing: {missing}")
+    attrs.update({n: v for n, v in OPTIONAL_DEFAULTS.items() if n not in attrs})
     h, c = int(attrs["num_heads"]), int(attrs["num_clusters"])
     if not 1 <= c <= h:
         raise ValueError(f"num_clusters must be in [1, num_heads={h}], got {c}")
@@ -142,6 +187,32 @@ def validate_attributes(attrs: dict[str, Any]) -> None:
     for flag in ("causal", "past_present_share_buffer"):
         if int(attrs[flag]) not in (0, 1):
             raise ValueError(f"{flag} must be 0 or 1, got {attrs[flag]}")
+    validate_span_attributes(attrs)
+
+
+def validate_span_attributes(attrs: dict[str, Any]) -> None:
+    """The span attributes' rules (the plugin's clusteredAttentionConfig.h states the same ones)."""
+    c = int(attrs["num_clusters"])
+    sinks, window = list(attrs["span_sinks"]), list(attrs["span_window"])
+    if not sinks and not window:  # a graph from before spans: none
+        sinks = window = [0] * c
+    if len(sinks) != c or len(window) != c:
+        raise ValueError(f"span_sinks and span_window must hold num_clusters = {c} values, got {sinks}, {window}")
+    if any(w < 0 or sk < 0 or (w == 0 and sk) for sk, w in zip(sinks, window, strict=True)):
+        raise ValueError(f"span_sinks/span_window must be >= 0, sinks 0 where the window is 0, got {sinks}, {window}")
+    rs, rw = int(attrs["ring_sinks"]), int(attrs["ring_window"])
+    if rs < 0 or rw < 0 or (rw == 0 and rs):
+        raise ValueError(f"ring_sinks/ring_window must be >= 0, ring_sinks 0 without a ring, got {rs}, {rw}")
+    if rw and not all(0 < w <= rw and sk <= rs for sk, w in zip(sinks, window, strict=True)):
+        raise ValueError(f"with a ring of {rs} sinks + {rw} window rows every cluster needs a span inside it, "
+                         f"got span_sinks {sinks}, span_window {window}")
+    if (rw or any(window)) and int(attrs["causal"]) != 1:
+        raise ValueError("span attributes need causal = 1 (spans count real tokens up to the query)")
+
+
+def has_spans(attrs: dict[str, Any]) -> bool:
+    """Whether the node takes the span path: a ring cache or a cluster with a span."""
+    return bool(int(attrs.get("ring_window", 0)) or any(attrs.get("span_window", ())))
 
 
 def clustered_attention_reference(
@@ -160,6 +231,8 @@ def clustered_attention_reference(
     scores: keep shapes small.
     """
     validate_attributes(attrs)
+    if has_spans(attrs):
+        return span_reference(query, key, value, past_key, past_value, attention_mask, attrs)
     h = int(attrs["num_heads"])
     b, _, s, d = query.shape
     t = attention_mask.shape[1]

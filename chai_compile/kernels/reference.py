@@ -63,13 +63,13 @@ def clustered_attention(
 ) -> torch.Tensor:
     """The math every clustered form is tested against, in float64.
 
-    q [B, C, S, d], k [B, Hk, T, d], v [B, Hv, T, d], allowed bool [B, 1, S, T] (query row s may attend key t)
-    -> [B, H, S, d] float64. Masked rows follow the module's rule; keys no row attends may hold anything
-    (NaN padding): they are kept out of the products.
+    q [B, C, S, d], k [B, Hk, T, d], v [B, Hv, T, d], allowed bool [B, 1, S, T] or, per cluster, [B, C, S, T]
+    (query row s may attend key t) -> [B, H, S, d] float64. Masked rows follow the module's rule; keys no row
+    attends may hold anything (NaN padding): they are kept out of the products.
     """
     dev = q.device
     cl = cluster_of_head(torch.as_tensor(cluster_offsets).to(dev))
-    used = allowed.any(dim=-2)[..., None]  # [B, 1, T, 1]
+    used = allowed.any(dim=-2).any(dim=1, keepdim=True)[..., None]  # [B, 1, T, 1]: some row of some cluster
     kk = k.to(torch.float64).index_select(1, torch.as_tensor(k_head_index).to(dev, torch.int64))
     vv = v.to(torch.float64).index_select(1, torch.as_tensor(v_head_index).to(dev, torch.int64))
     kk, vv = kk.masked_fill(~used, 0.0), vv.masked_fill(~used, 0.0)

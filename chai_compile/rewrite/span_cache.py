@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from chai_compile.kernels import span_ring
 from chai_compile.rewrite.base import RewriteError
 
 
@@ -82,12 +83,9 @@ class SpanCacheLayer(CacheLayerMixin):
         buf_k = torch.cat([old_k, old_k.new_zeros(b, n, grow, d)], -2)
         buf_v = torch.cat([old_v, old_v.new_zeros(b, n, grow, d)], -2)
         buf_i = torch.cat([old_i, old_i.new_full((b, grow), -1)], -1)
-        # Entry of real index r: r for a sink, else sinks + (r - sinks) mod window (the ring). Only the
-        # sinks and the last `window` tokens survive, so survivors never collide.
-        ring = g.sinks + (index - g.sinks).remainder(g.window)
-        target = torch.where(index < g.sinks, index, ring)
-        survives = (index >= 0) & ((index < g.sinks) | (index >= real_after[:, None] - g.window))
-        target = torch.where(survives, target, length)
+        # The ring's row of each survivor (kernels/span_ring.py); the others go to the scratch entry.
+        keep = span_ring.survives(index, real_after, g.sinks, g.window)
+        target = torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
         at = target[:, None, :, None].expand(b, n, target.shape[1], d)
         buf_k.scatter_(2, at, k)
         buf_v.scatter_(2, at, v)

@@ -4,6 +4,7 @@
 // compiler (omp simd) and cloned per ISA (target_clones) so one binary runs everywhere at full width.
 
 #include "clusteredAttentionCpu.h"
+#include "clusteredAttentionCpuMath.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -16,32 +17,6 @@ namespace chai
 {
 namespace
 {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CHAI_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define CHAI_CLONES
-#endif
-
-// exp(x) for x <= 0 (softmax after the max is subtracted): 2^n * poly(r), |r| <= ln2/2, relative error
-// < 2e-7. Why not expf: libm's scalar call blocks vectorisation of the softmax loop.
-inline float expNonPositive(float x)
-{
-    x = x < -87.f ? -87.f : x;
-    float const n = floorf(x * 1.44269504f + 0.5f);
-    float const r = x - n * 0.693145752f - n * 1.42860677e-6f;
-    float p = 1.f / 720;
-    p = p * r + 1.f / 120;
-    p = p * r + 1.f / 24;
-    p = p * r + 1.f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t const bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 template <typename M>
 bool attends(void const* mask, size_t i)
@@ -246,6 +221,8 @@ int clusteredAttentionCpu(ChaiClusteredAttentionParams const& p, ParallelFor par
 {
     if (p.dtype != CHAI_DTYPE_FLOAT32)
         return CHAI_ERR_UNSUPPORTED;
+    if (p.ring_window > 0 || p.span_sinks != nullptr)
+        return clusteredAttentionSpanCpu(p, parallelFor, runner);
     if (p.share_buffer && static_cast<long long>(p.past_len) + p.seq_len > p.cache_len)
         return CHAI_ERR_INVALID_ARGUMENT;
     size_t const T = static_cast<size_t>(p.past_len) + p.seq_len;

@@ -16,4 +16,8 @@ using ParallelFor = void (*)(void* runner, void (*fn)(void*, size_t), size_t tot
 // pointers; dtype must be CHAI_DTYPE_FLOAT32. Returns a ChaiStatus.
 int clusteredAttentionCpu(ChaiClusteredAttentionParams const& p, ParallelFor parallelFor, void* runner);
 
+// The span path (ring_window > 0 or span tables set; clusteredAttentionSpanCpu.cc): attention over the past
+// rows and the new ones with real-token indices and per-cluster spans, then the caches written.
+int clusteredAttentionSpanCpu(ChaiClusteredAttentionParams const& p, ParallelFor parallelFor, void* runner);
+
 } // namespace chai

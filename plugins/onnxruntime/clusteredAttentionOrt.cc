@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,7 @@ bool readAttribute(OrtKernelInfo const* info, char const* name, std::string& out
 
 struct Kernel
 {
+    chai::ClusteredAttentionConfig config; // owns the span tables that `tables` points into
     ChaiClusteredAttentionParams tables{}; // layer constants; shapes and pointers are filled per call
     std::string node;
     bool cuda = false;
@@ -91,7 +93,7 @@ struct Kernel
 // The layer constants: every declared field read, then the plugin's own validation (one rule set).
 OrtStatus* readTables(OrtKernelInfo const* info, Kernel& k)
 {
-    chai::ClusteredAttentionConfig cfg;
+    chai::ClusteredAttentionConfig& cfg = k.config;
     std::string missing;
     chai::ClusteredAttentionConfig::forEachField(cfg, [&](char const* name, auto& member, bool required) {
         OrtStatus* st = nullptr;
@@ -105,6 +107,9 @@ OrtStatus* readTables(OrtKernelInfo const* info, Kernel& k)
     std::string const err = cfg.validate();
     if (!err.empty())
         return fail(k.node, err);
+    if (k.cuda && cfg.hasSpans())
+        return fail(k.node, "span attributes (ring_window / span_window) have no CUDA kernel: run the graph on "
+                            "the CPU execution provider, or export span layers with --attention portable");
     k.tables = cfg.toParams();
     return nullptr;
 }
@@ -167,8 +172,15 @@ OrtStatus* checkShapes(Kernel const& k, TensorView const* in, ChaiClusteredAtten
     if (in[kKey].dims[2] != S || in[kValue].dims[2] != S || in[kPastValue].dims[2] != rows)
         return fail(k.node, "key/value hold another number of new tokens than query, or past_value another "
                             "length than past_key");
-    int64_t const P = p.share_buffer ? maskLen - S : rows;
-    if (p.share_buffer ? (P < 0 || maskLen > rows) : maskLen != rows + S)
+    bool const ring = p.ring_window > 0;
+    int64_t const P = p.share_buffer || ring ? maskLen - S : rows, N = int64_t(p.ring_sinks) + p.ring_window;
+    if (ring && (P < 0 || (p.share_buffer ? rows < std::min(P + S, N) : rows != std::min(P, N))))
+        return fail(k.node, "past_key holds " + std::to_string(rows) + " rows but the ring of " + std::to_string(N)
+                + " rows after " + std::to_string(std::max<int64_t>(P, 0)) + " past tokens needs "
+                + (p.share_buffer ? "at least min(past + new, sinks + window) = " + std::to_string(std::min(P + S, N))
+                                  : "min(past, sinks + window) = " + std::to_string(std::min(P, N)))
+                + " (attention_mask covers past + new = " + std::to_string(maskLen) + " tokens)");
+    if (!ring && (p.share_buffer ? (P < 0 || maskLen > rows) : maskLen != rows + S))
         return fail(k.node, "attention_mask covers " + std::to_string(maskLen) + " tokens but "
                 + (p.share_buffer ? "the shared cache buffer holds " + std::to_string(rows)
                                   : "past + new = " + std::to_string(rows + S))
@@ -266,7 +278,9 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* ctx)
     if (OrtStatus* st = checkShapes(k, in, p))
         return st;
     int64_t const B = p.batch, S = p.seq_len, d = p.head_dim;
-    int64_t const presentRows = p.share_buffer ? p.cache_len : p.past_len + S;
+    int64_t const presentRows = p.share_buffer ? p.cache_len
+        : p.ring_window > 0 ? std::min<int64_t>(p.past_len + S, int64_t(p.ring_sinks) + p.ring_window)
+                            : p.past_len + S;
     int64_t const outDims[kNbOut][4] = {{B, S, int64_t(p.num_heads) * d, 0}, {B, p.num_k_heads, presentRows, d},
         {B, p.num_v_heads, presentRows, d}};
     void* outs[kNbOut] = {};

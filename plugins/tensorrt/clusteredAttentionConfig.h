@@ -23,7 +23,8 @@ constexpr char const* kPluginNamespace = "chai";
 
 // X(name, C++ type, default, required), in the ONNX node's attribute order. The C++ type decides the ONNX
 // attribute type and the TensorRT field type (fieldKind below). Optional fields take their default when
-// absent: the identity strings, and past_present_share_buffer (graphs and engines from before it = concat).
+// absent: the identity strings, past_present_share_buffer (graphs and engines from before it = concat) and the
+// span fields (before them: no span, full-length caches; an empty span list = every cluster unbounded).
 #define CHAI_CLUSTERED_ATTENTION_FIELDS(X)                                                                             \
     X(plugin_namespace, std::string, kPluginNamespace, false)                                                          \
     X(plugin_version, std::string, kPluginVersion, false)                                                              \
@@ -37,7 +38,11 @@ constexpr char const* kPluginNamespace = "chai";
     X(v_head_index, std::vector<int32_t>, , true)                                                                      \
     X(scale, float, 0.f, true)                                                                                         \
     X(causal, int32_t, 1, true)                                                                                        \
-    X(past_present_share_buffer, int32_t, 0, false)
+    X(past_present_share_buffer, int32_t, 0, false)                                                                \
+    X(ring_sinks, int32_t, 0, false)                                                                               \
+    X(ring_window, int32_t, 0, false)                                                                              \
+    X(span_sinks, std::vector<int32_t>, , false)                                                                   \
+    X(span_window, std::vector<int32_t>, , false)
 
 // How a field travels: ONNX attribute type string/int/ints/float = TensorRT kCHAR/kINT32/kINT32/kFLOAT32.
 enum class FieldKind
@@ -94,8 +99,16 @@ struct ClusteredAttentionConfig
 
     // Empty when valid, else what is wrong ("; "-separated).
     std::string validate() const;
-    // Copies the constants and tables into a kernel params struct (pointers and shapes left zero).
+    // The span fields' rules (chai_compile/kernels/fused_op.py validate_span_attributes states the same).
+    void validateSpans(std::ostringstream& err) const;
+    // Copies the constants and tables into a kernel params struct (pointers and shapes left zero; the span
+    // tables point into this config, which must outlive the params).
     ChaiClusteredAttentionParams toParams() const;
+    // Whether the node takes the span path (a ring cache or a cluster with a span): the CPU kernel's only.
+    bool hasSpans() const
+    {
+        return ring_window != 0 || std::any_of(span_window.begin(), span_window.end(), [](int32_t w) { return w != 0; });
+    }
 };
 
 inline std::string ClusteredAttentionConfig::validate() const
@@ -145,8 +158,41 @@ inline std::string ClusteredAttentionConfig::validate() const
         err << "causal must be 0 or 1, got " << causal << "; ";
     if (past_present_share_buffer != 0 && past_present_share_buffer != 1)
         err << "past_present_share_buffer must be 0 or 1, got " << past_present_share_buffer << "; ";
+    validateSpans(err);
     std::string text = err.str();
     return text.empty() ? text : text.substr(0, text.size() - 2);
+}
+
+inline void ClusteredAttentionConfig::validateSpans(std::ostringstream& err) const
+{
+    bool const none = span_sinks.empty() && span_window.empty();
+    if (!none
+        && (static_cast<int32_t>(span_sinks.size()) != num_clusters
+            || static_cast<int32_t>(span_window.size()) != num_clusters))
+    {
+        err << "span_sinks and span_window need num_clusters entries (or none), got " << span_sinks.size() << " and "
+            << span_window.size() << "; ";
+        return;
+    }
+    bool inRing = true;
+    for (size_t c = 0; c < span_window.size(); ++c)
+    {
+        if (span_window[c] < 0 || span_sinks[c] < 0 || (span_window[c] == 0 && span_sinks[c] != 0))
+        {
+            err << "span_sinks/span_window must be >= 0, sinks 0 where the window is 0 (cluster " << c << ": "
+                << span_sinks[c] << ", " << span_window[c] << "); ";
+            return;
+        }
+        inRing = inRing && span_window[c] > 0 && span_window[c] <= ring_window && span_sinks[c] <= ring_sinks;
+    }
+    if (ring_sinks < 0 || ring_window < 0 || (ring_window == 0 && ring_sinks != 0))
+        err << "ring_sinks/ring_window must be >= 0, ring_sinks 0 without a ring, got " << ring_sinks << ", "
+            << ring_window << "; ";
+    else if (ring_window > 0 && (none || !inRing))
+        err << "with a ring of " << ring_sinks << " sinks + " << ring_window
+            << " window rows every cluster needs a span inside it; ";
+    if (hasSpans() && causal != 1)
+        err << "span attributes need causal = 1; ";
 }
 
 inline ChaiClusteredAttentionParams ClusteredAttentionConfig::toParams() const
@@ -163,6 +209,11 @@ inline ChaiClusteredAttentionParams ClusteredAttentionConfig::toParams() const
     std::copy(cluster_offsets.begin(), cluster_offsets.end(), p.cluster_offsets);
     std::copy(k_head_index.begin(), k_head_index.end(), p.k_head_index);
     std::copy(v_head_index.begin(), v_head_index.end(), p.v_head_index);
+    p.ring_sinks = ring_sinks;
+    p.ring_window = ring_window;
+    bool const spans = hasSpans();
+    p.span_sinks = spans ? span_sinks.data() : nullptr;
+    p.span_window = spans ? span_window.data() : nullptr;
     return p;
 }
 

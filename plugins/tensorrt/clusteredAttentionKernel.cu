@@ -601,6 +601,8 @@ extern "C" CHAI_API int chaiClusteredAttentionEnqueue(ChaiClusteredAttentionPara
     ChaiClusteredAttentionParams const& p = *params;
     if (!validTables(p) || p.batch < 1 || p.seq_len < 1 || p.past_len < 0)
         return CHAI_ERR_INVALID_ARGUMENT;
+    if (p.ring_window != 0 || p.span_sinks != nullptr || p.span_window != nullptr)
+        return CHAI_ERR_INVALID_ARGUMENT; // no span path here: the plugin and the ORT op refuse such nodes first
     if (p.share_buffer && static_cast<long long>(p.past_len) + p.seq_len > p.cache_len)
         return CHAI_ERR_INVALID_ARGUMENT; // the new rows would fall outside the buffer
     if (p.dtype != CHAI_DTYPE_FLOAT32 && p.dtype != CHAI_DTYPE_FLOAT16 && p.dtype != CHAI_DTYPE_BFLOAT16)

@@ -102,6 +102,14 @@ typedef struct ChaiClusteredAttentionParams
     size_t workspace_bytes;
     // 0 = choose from the shapes and the SM count; 1 = no split; n > 1 = force n splits (tests).
     int32_t num_splits;
+    // Span path (chai_compile/kernels/fused_op.py): the CPU kernel's only; the CUDA kernel refuses it.
+    // ring_window > 0: past/present are rings of at most ring_sinks + ring_window rows (cache_len = the past
+    // tensor's rows, past_len = P slots of the mask). span_* are host pointers to C entries each, or null
+    // when no cluster has a span (not copied: the caller's tables must outlive the call).
+    int32_t ring_sinks;
+    int32_t ring_window;
+    int32_t const* span_sinks;
+    int32_t const* span_window;
 } ChaiClusteredAttentionParams;
 
 // Bytes of workspace that enqueue can use for these head/cluster tables, whatever B, S and P are.

@@ -459,6 +459,12 @@ IPluginV3* ClusteredAttentionPluginCreator::createPlugin(
             logError(err);
             return nullptr;
         }
+        if (cfg.hasSpans())
+        {
+            logError("span attributes (ring_window / span_window) have no CUDA kernel: run span layers with ONNX "
+                     "Runtime's CPU op, or export them in the portable form");
+            return nullptr;
+        }
         return new ClusteredAttentionPlugin(std::move(cfg));
     }
     catch (std::exception const& e)

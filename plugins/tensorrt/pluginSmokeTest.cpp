@@ -128,7 +128,7 @@ int main(int argc, char** argv)
     check(std::strcmp(creator->getPluginVersion(), "1") == 0, "creator version");
     check(std::strcmp(creator->getPluginNamespace(), "chai") == 0, "creator namespace");
     PluginFieldCollection const* declared = creator->getFieldNames();
-    check(declared != nullptr && declared->nbFields == 13, "13 declared fields");
+    check(declared != nullptr && declared->nbFields == 17, "17 declared fields");
     // The test compares these lines with chai_compile/fused_op.py ATTRIBUTES.
     for (int32_t i = 0; declared != nullptr && i < declared->nbFields; ++i)
         std::printf("field %s %s\n", declared->fields[i].name, typeName(declared->fields[i].type));
@@ -230,6 +230,17 @@ int main(int argc, char** argv)
     noScale.make();
     noScale.fc.nbFields -= 3; // drops scale, causal and the optional past_present_share_buffer
     check(creator->createPlugin("bad", &noScale.fc, TensorRTPhase::kBUILD) == nullptr, "missing scale refused");
+    Fields span; // a span node (ring cache, a span per cluster): the CUDA kernel has no span path
+    span.make();
+    int32_t ringSinks = 2, ringWindow = 4;
+    std::vector<int32_t> spanSinks{1, 0, 2}, spanWindow{3, 4, 2};
+    span.list.push_back(PluginField("ring_sinks", &ringSinks, PluginFieldType::kINT32, 1));
+    span.list.push_back(PluginField("ring_window", &ringWindow, PluginFieldType::kINT32, 1));
+    span.list.push_back(PluginField("span_sinks", spanSinks.data(), PluginFieldType::kINT32, 3));
+    span.list.push_back(PluginField("span_window", spanWindow.data(), PluginFieldType::kINT32, 3));
+    span.fc.nbFields = static_cast<int32_t>(span.list.size());
+    span.fc.fields = span.list.data();
+    check(creator->createPlugin("span", &span.fc, TensorRTPhase::kBUILD) == nullptr, "span attributes refused");
     Fields old;
     old.make();
     old.fc.nbFields -= 1; // engines from before past_present_share_buffer: concat
