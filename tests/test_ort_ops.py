@@ -149,3 +149,27 @@ def test_library_built_for_a_newer_api_version_is_refused_in_one_line(tmp_path):
         ort_ops.register(ort.SessionOptions(), lib)
     line = info.value.one_line()
     assert "API version 999" in line and "\n" not in line and "fix:" in line
+
+
+def test_library_from_other_sources_is_refused_in_one_line(tmp_path, library):
+    """A build from older sources (no attribute list, or a shorter one) would run span nodes as full
+    attention: registering it fails with the rebuild command, before any graph runs."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    import subprocess
+
+    from chai_compile.kernels.fused_op import ATTRIBUTE_NAMES
+
+    assert ort_ops.attributes(library) == ATTRIBUTE_NAMES  # the library under test is current
+    old = ",".join(ATTRIBUTE_NAMES[:-4])  # the contract before span layers' ring and span attributes
+    for name, body in (("older", ""), ("other", f'const char* ChaiOrtAttributes(void) {{ return "{old}"; }}')):
+        src = tmp_path / f"{name}.c"
+        src.write_text(f"int ChaiOrtApiVersion(void) {{ return 17; }}\n{body}\n")
+        lib = tmp_path / f"lib{name}.so"
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True, capture_output=True)
+        with pytest.raises(ort_ops.OrtOpsError) as info:
+            ort_ops.register(ort.SessionOptions(), lib)
+        line = info.value.one_line()
+        why = "no attribute list" if name == "older" else "does not read ring_sinks,ring_window,span_sinks"
+        assert "other chai-compile sources" in line and why in line and "build-ort-ops" in line
+        assert "\n" not in line

@@ -91,9 +91,37 @@ def api_version(path: Path) -> int:
                           fix=build_command()) from None
 
 
+def attributes(path: Path) -> tuple[str, ...]:
+    """The node attributes the library reads (its ChaiOrtAttributes symbol); () for a build older than it."""
+    try:
+        fn = ctypes.CDLL(str(path)).ChaiOrtAttributes
+    except AttributeError:
+        return ()
+    except OSError as e:
+        raise OrtOpsError(f"{path} is not a ClusteredAttention op library: {str(e).splitlines()[0][:200]}",
+                          fix=build_command()) from None
+    fn.restype = ctypes.c_char_p
+    return tuple(fn().decode().split(","))
+
+
+def check_current(path: Path) -> None:
+    """Refuse a library built from other sources than this package's op contract (it would ignore, or
+    misread, attributes it does not know: an old build runs span nodes as full attention)."""
+    from chai_compile.kernels.fused_op import ATTRIBUTE_NAMES
+
+    have = attributes(path)
+    if have != ATTRIBUTE_NAMES:
+        missing = [a for a in ATTRIBUTE_NAMES if a not in have]
+        what = ("has no attribute list (an older build)" if not have else
+                f"does not read {','.join(missing)}" if missing else f"reads {','.join(have)}")
+        raise OrtOpsError(f"the op library {path} was built from other chai-compile sources: it {what}",
+                          fix=f"rebuild it: {build_command()}")
+
+
 def register(options: Any, path: Path) -> None:
     """options.register_custom_ops_library(path), with ONNX Runtime's refusal as one OrtOpsError line."""
     api_version(path)  # a file that is no such library fails here, before ONNX Runtime dlopens it
+    check_current(path)
     try:
         options.register_custom_ops_library(str(path))
     except Exception as e:  # onnxruntime raises its pybind Fail/RuntimeException types

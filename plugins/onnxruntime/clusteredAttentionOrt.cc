@@ -376,6 +376,17 @@ extern "C" CHAI_ORT_EXPORT int ChaiOrtApiVersion(void)
     return CHAI_ORT_API_VERSION;
 }
 
+// The node attributes this build reads, comma-separated, from the one field list: the loader compares it with
+// the package's (kernels/fused_op.py), so a library built from older sources, which would not read newer
+// attributes (span layers' rings), is refused instead of running a graph it does not understand.
+#define CHAI_FIELD_NAME(name, type, init, required) "," #name
+extern "C" CHAI_ORT_EXPORT char const* ChaiOrtAttributes(void)
+{
+    static char const* const names = CHAI_CLUSTERED_ATTENTION_FIELDS(CHAI_FIELD_NAME);
+    return names + 1; // past the leading comma
+}
+#undef CHAI_FIELD_NAME
+
 extern "C" CHAI_ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, OrtApiBase const* base)
 {
     OrtApi const* api = base->GetApi(CHAI_ORT_API_VERSION);
