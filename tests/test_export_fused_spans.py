@@ -22,6 +22,7 @@ from tests.test_export_spans import (
     generate,
     ids_and_mask,
     mha_model_and_plan,
+    planned_stories_plan,
     run_chunks,
 )
 from tests.test_rewrite_transforms import one_line, plans, tiny3
@@ -209,17 +210,7 @@ def test_stories_clustered_span_shared_plan_exports_fused_and_validates(stories,
 @needs_stories
 def test_stories_planned_span_plan_exports_fused_and_validates(stories, tmp_path, ort_ops_library):
     """A `chai-compile plan --transforms chai,span,shared` plan (the planner picks span layers here), fused."""
-    from click.testing import CliRunner
-
-    from chai_compile.cli import main
-    from chai_compile.mapping import ClusterMapping
-
-    r = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.3", "--transforms", "chai,span,shared",
-                                  "--out", str(tmp_path / "p"), "--samples", "2", "--seq-len", "256",
-                                  "--context", "512"])
-    assert r.exit_code == 0, r.output
-    plan = ClusterMapping.read(tmp_path / "p" / "plan.json")
-    assert any(lm.kind == LayerKind.SPAN for lm in plan.layers)
+    plan = planned_stories_plan(tmp_path / "p")
     man = export_fused_cli(tmp_path / "p" / "plan.json", tmp_path / "out")
     check_stories_export(stories, man, tmp_path / "out", plan)
 

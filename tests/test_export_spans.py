@@ -198,6 +198,20 @@ def export_cli(plan_path, out) -> dict:
                       log=lambda m: None)
 
 
+def planned_stories_plan(out) -> ClusterMapping:
+    """The planner's CHAI + span + shared plan for stories260K at 30% KV of a 512-token context, written to out."""
+    from click.testing import CliRunner
+
+    from chai_compile.cli import main
+
+    r = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.3", "--transforms", "chai,span,shared",
+                                  "--out", str(out), "--samples", "2", "--seq-len", "256", "--context", "512"])
+    assert r.exit_code == 0, r.output
+    plan = ClusterMapping.read(out / "plan.json")
+    assert any(lm.kind == LayerKind.SPAN for lm in plan.layers)
+    return plan
+
+
 def check_stories_export(stories, man: dict, out, plan: ClusterMapping) -> None:
     """Validation passed over a generation past every bound; the runner's greedy is generate()'s; the cache
     bytes after a 300-token run are the plan's."""
@@ -227,12 +241,7 @@ def test_stories_planned_span_plan_exports_and_validates(stories, tmp_path):
 
     from chai_compile.cli import main
 
-    r = CliRunner().invoke(main, ["plan", str(STORIES), "--kv-target", "0.3", "--transforms", "chai,span,shared",
-                                  "--out", str(tmp_path / "p"), "--samples", "2", "--seq-len", "256",
-                                  "--context", "512"])
-    assert r.exit_code == 0, r.output
-    plan = ClusterMapping.read(tmp_path / "p" / "plan.json")
-    assert any(lm.kind == LayerKind.SPAN for lm in plan.layers)
+    plan = planned_stories_plan(tmp_path / "p")
     man = export_cli(tmp_path / "p" / "plan.json", tmp_path / "out")
     check_stories_export(stories, man, tmp_path / "out", plan)
     # `chai-compile verify` on the export directory runs it through the same runner

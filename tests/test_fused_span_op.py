@@ -14,6 +14,8 @@ from chai_compile.kernels.reference import clustered_attention
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
+from tests.test_ort_ops import node_graph  # noqa: E402  (after the skips: it imports onnx at module level)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 16
@@ -109,15 +111,7 @@ def test_ring_rows_hold_what_the_ring_rule_says():
 
 # ---- the compiled CPU op and the Python op ------------------------------------------------------------
 def graph(attrs: dict) -> bytes:
-    h = onnx.helper
-    f, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
-    ins = [h.make_tensor_value_info(n, i32 if n == "attention_mask" else f, None) for n in fused_op.INPUTS]
-    outs = [h.make_tensor_value_info(n, f, None) for n in fused_op.OUTPUTS]
-    node = h.make_node(fused_op.OP_TYPE, list(fused_op.INPUTS), list(fused_op.OUTPUTS), domain=fused_op.DOMAIN,
-                       name="span0", **attrs)
-    model = h.make_model(h.make_graph([node], "g", ins, outs), ir_version=10,
-                         opset_imports=[h.make_opsetid("", 23), h.make_opsetid(fused_op.DOMAIN, 1)])
-    return model.SerializeToString()
+    return node_graph(attrs, name="span0")
 
 
 def compiled_step(library, attrs: dict):

@@ -29,12 +29,17 @@ def _graph(head_dim: int, share: int, **overrides) -> bytes:
     attrs = fused_op.node_attributes(**{**LAYER, "head_dim": head_dim, "scale": head_dim ** -0.5,
                                         "past_present_share_buffer": share})
     attrs.update(overrides)  # after the Python checks: bad values must be caught by the library itself
+    return node_graph(attrs)
+
+
+def node_graph(attrs: dict, name: str = "layer0") -> bytes:
+    """A graph of one ClusteredAttention node with `attrs`, its inputs and outputs as the contract names them."""
     h = onnx.helper
     f, i32 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32
     ins = [h.make_tensor_value_info(n, i32 if n == "attention_mask" else f, None) for n in fused_op.INPUTS]
     outs = [h.make_tensor_value_info(n, f, None) for n in fused_op.OUTPUTS]
     node = h.make_node(fused_op.OP_TYPE, list(fused_op.INPUTS), list(fused_op.OUTPUTS), domain=fused_op.DOMAIN,
-                       name="layer0", **attrs)
+                       name=name, **attrs)
     # IR 10: what ONNX Runtime 1.20+ reads (the installed onnx would write a newer one).
     model = h.make_model(h.make_graph([node], "g", ins, outs), ir_version=10,
                          opset_imports=[h.make_opsetid("", 23), h.make_opsetid(fused_op.DOMAIN, 1)])
