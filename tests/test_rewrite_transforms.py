@@ -259,6 +259,37 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return text
 
 
+def test_a_full_ring_is_written_in_place_and_survives_reordering():
+    """Once a bounded group's ring is full a decode step overwrites one row of the same buffers (no copy of the
+    ring); a batch reorder (beam search, generate's batch selection) gives new tensors, from which the next
+    store builds a ring again. Rows always hold what the ring rule says."""
+    from chai_compile.kernels import span_ring
+    from chai_compile.rewrite.span_cache import HeadGroup, SpanCacheLayer
+
+    g = torch.Generator().manual_seed(0)
+    b, steps, sinks, window = 2, 14, 2, 4
+    keys = torch.randn(b, 1, steps, 8, generator=g)
+    layer = SpanCacheLayer((HeadGroup((0,), sinks, window),))
+    layer.lazy_initialization(keys[:, :, :0], keys[:, :, :0])
+    order = torch.arange(b)  # which original row each cache row holds
+    pointers = []
+    for t in range(steps):
+        if t == 9:
+            order = order.flip(0)
+            layer.reorder_cache(torch.tensor([1, 0]))
+        k = keys[order, :, t : t + 1]
+        layer.store(0, k, -k, torch.full((b, 1), t), torch.full((b,), t + 1), 1)
+        layer.advance(torch.full((b,), t + 1), 1)
+        pointers.append(layer.entries[0][0].data_ptr())
+        ck, cv, ci = layer.past(0)
+        held = span_ring.row_index(ci.shape[1], torch.full((b,), t + 1), sinks, window)
+        assert torch.equal(ci, held) and ck.shape[2] == min(t + 1, sinks + window)
+        for row in range(b):
+            assert torch.equal(ck[row, 0], keys[order[row], 0, held[row]]) and torch.equal(cv, -ck)
+    full = sinks + window  # steps 6..8 and 10..13 write in place; 9 rebuilds after the reorder
+    assert len(set(pointers[full - 1 : 9])) == 1 and len(set(pointers[9:])) == 1 and pointers[9] != pointers[8]
+
+
 def test_rewrite_refuses_bad_shared_and_span_layers():
     orig = tiny3()
     dense = [LayerMapping(i, LayerKind.DENSE) for i in range(3)]

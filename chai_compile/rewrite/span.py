@@ -134,7 +134,10 @@ class SpanAttention(ClusteredAttention):
             k_new, v_new = k.index_select(1, kvs), v.index_select(1, kvs)
             if layer is None:
                 keys, values, key_index = k_new, v_new, index
-            else:
+            elif s == 1:  # one token: what the cache keeps once it is in holds every key it may read (no copy)
+                layer.store(i, k_new, v_new, index, real_after, s)
+                keys, values, key_index = layer.past(i)
+            else:  # a chunk's early queries may read keys its later tokens evict: attend over past + chunk
                 pk, pv, pi = layer.past(i)
                 keys, values = torch.cat([pk, k_new], -2), torch.cat([pv, v_new], -2)
                 key_index = torch.cat([pi, index], -1)

@@ -50,11 +50,15 @@ class SpanCacheLayer(CacheLayerMixin):
         self.seen = 0  # slots (padding included) this layer has taken: the decoder's sequence length
         self.real: torch.Tensor | None = None  # [B] real tokens seen per sequence
         self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per group (k, v, index)
+        # Per bounded group whose ring is full: the buffers its entry views (capacity rows, then one scratch row
+        # for the tokens that do not survive), written in place from then on instead of copied every step.
+        self.rings: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, _, _, d = key_states.shape
         self.device = key_states.device
         self.real = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self.rings = {}
         self.entries = [(key_states.new_zeros(b, len(g.kv_heads), 0, d),
                          value_states.new_zeros(b, len(g.kv_heads), 0, d),
                          torch.zeros(b, 0, dtype=torch.int64, device=self.device)) for g in self.groups]
@@ -78,11 +82,16 @@ class SpanCacheLayer(CacheLayerMixin):
             self.entries[group] = (torch.cat([old_k, k], -2), torch.cat([old_v, v], -2), torch.cat([old_i, index], -1))
             return
         length = min(self.seen + slots, g.capacity)  # what the plan predicts: min(tokens, sinks + window)
-        grow = length - old_k.shape[-2] + 1  # + 1: a scratch entry that takes the tokens that do not survive
         b, n, _, d = old_k.shape
-        buf_k = torch.cat([old_k, old_k.new_zeros(b, n, grow, d)], -2)
-        buf_v = torch.cat([old_v, old_v.new_zeros(b, n, grow, d)], -2)
-        buf_i = torch.cat([old_i, old_i.new_full((b, grow), -1)], -1)
+        if group in self.rings:  # full ring: rows are overwritten where they are
+            buf_k, buf_v, buf_i = self.rings[group]
+        else:
+            grow = length - old_k.shape[-2] + 1  # + 1: a scratch entry that takes the tokens that do not survive
+            buf_k = torch.cat([old_k, old_k.new_zeros(b, n, grow, d)], -2)
+            buf_v = torch.cat([old_v, old_v.new_zeros(b, n, grow, d)], -2)
+            buf_i = torch.cat([old_i, old_i.new_full((b, grow), -1)], -1)
+            if length == g.capacity:
+                self.rings[group] = (buf_k, buf_v, buf_i)
         # The ring's row of each survivor (kernels/span_ring.py); the others go to the scratch entry.
         keep = span_ring.survives(index, real_after, g.sinks, g.window)
         target = torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
@@ -111,6 +120,7 @@ class SpanCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.entries, self.real, self.seen, self.is_initialized = [], None, 0, False
+        self.rings = {}
 
     def _select(self, pick: torch.Tensor) -> None:
         """Rows `pick` of every batch-indexed tensor (generate's batch selection and beam reordering)."""
@@ -118,6 +128,7 @@ class SpanCacheLayer(CacheLayerMixin):
             return
         self.entries = [tuple(t.index_select(0, pick.to(t.device)) for t in e) for e in self.entries]  # type: ignore[misc]
         self.real = self.real.index_select(0, pick.to(self.real.device))
+        self.rings = {}  # the entries are new tensors: the next store rebuilds a ring buffer from them
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -140,3 +151,4 @@ class SpanCacheLayer(CacheLayerMixin):
         if self.is_initialized:
             self.entries = [tuple(t.to(device, non_blocking=True) for t in e) for e in self.entries]  # type: ignore[misc]
             self.real = self.real.to(device, non_blocking=True)
+            self.rings = {}
