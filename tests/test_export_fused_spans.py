@@ -18,6 +18,7 @@ from tests.conftest import STORIES
 from tests.test_export_spans import (
     TOL,
     cache_bytes,
+    check_every_decode_mode,
     check_stories_export,
     generate,
     ids_and_mask,
@@ -94,13 +95,7 @@ def test_one_node_per_head_group_with_the_group_ring(case):
 def test_logits_match_the_rewrite_in_every_decode_mode(case, pad):
     """One prefill, token by token (past every ring's wrap), and chunks longer than a window with a past."""
     chai, _, dec, _ = case
-    ids, mask = ids_and_mask(pad=pad)
-    with torch.no_grad():
-        want = chai(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask.astype(bool)
-    for bounds in ([0, 20], list(range(21)), [0, 9, 10, 11, 16, 20], [0, 3, 4, 12, 20]):
-        got, _ = run_chunks(dec, ids, mask, bounds)
-        assert np.abs(got - want)[real].max() < TOL, bounds
+    check_every_decode_mode(chai, dec, pad)
 
 
 def test_runner_greedy_equals_generate_with_left_padding(case):

@@ -112,6 +112,11 @@ def test_logits_match_the_rewrite_in_every_decode_mode(case, pad):
     """One prefill, token by token, and chunks that cross the bounds (the smallest capacity is 2): the same
     logits as the rewritten model's full forward, left padding included (real positions only)."""
     chai, _, dec = case
+    check_every_decode_mode(chai, dec, pad)
+
+
+def check_every_decode_mode(chai, dec, pad: int) -> None:
+    """The graph's logits over four chunkings of one padded batch equal the rewritten model's full forward."""
     ids, mask = ids_and_mask(pad=pad)
     with torch.no_grad():
         want = chai(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
