@@ -4,6 +4,7 @@
 #   bash benchmarks/device_transforms.sh launch     # GPU tests, then plans, then sweeps
 #   bash benchmarks/device_transforms.sh status     # one line per job
 #   bash benchmarks/device_transforms.sh decode     # decode-step timing (run alone: nothing else on the GPU)
+#   bash benchmarks/device_transforms.sh owed       # what the first run left: timings alone, then evaluations
 #   OUT=$OUT bash benchmarks/device_transforms.sh collect   # results (JSON, Markdown, plots) into $OUT
 # After benchmarks/device_stage.sh unpack (the model, gguf and the evaluation sets). Jobs write under /root/jobs.
 # MODEL=../shared/data/models/stories260K-mha CONTEXT=512 SMALL=1 runs the same pipeline small (a dry run).
@@ -120,13 +121,34 @@ case "${1:-}" in
     cat "$J/done" 2>/dev/null
     for f in "$J"/*.log; do printf '%s: %s\n' "$(basename "$f")" "$(tr '\r' '\n' <"$f" | grep -v '^\s*$' | tail -1 | cut -c1-150)"; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null ;;
-  decode)
-    python3 benchmarks/bench_transforms_decode.py "$MODEL" --plans "$J/p/cm75/plan.json" \
-      "$J/p/span40m75/plan.json" --contexts 4096,16384 --batch 1,8 --iters 20 --dtype bf16 --device "$DEVICE" \
+  decode)  # PLANS=folder holding cm75/ and span40m75/ (default: this run's plans)
+    P=${PLANS:-$J/p}
+    python3 benchmarks/bench_transforms_decode.py "$MODEL" --plans "$P/cm75/plan.json" \
+      "$P/span40m75/plan.json" --contexts 4096,16384 --batch 1,8 --iters 20 --dtype bf16 --device "$DEVICE" \
       --out "$J/decode_h200.json" 2>"$J/decode.log" | tail -12 ;;
+  owed)  # what the first run left (2026-11-29, second stop), in the background: first the timings alone on the
+    # GPU (the SmolLM2 decode step with the plans kept in docs/, then issue 15's B=1 kernel sweep), then side by
+    # side: the GPU tests, the CHAI-only row's long-context tasks, issue 18's frontier levels with distillation
+    mkdir -p "$J/s"
+    : >"$J/done"
+    python3 -c "from chai_compile.loading import load_model; load_model('$MODEL')"
+    setsid nohup bash -c "
+      source benchmarks/device_transforms.sh functions
+      PLANS=docs/results/spans/smollm2-4k-h200/plans bash benchmarks/device_transforms.sh decode >$J/decode.txt 2>&1
+      echo \"decode exit \$?\" >>$J/done
+      python3 benchmarks/sweep_b1_decode.py --out $J/b1 >$J/b1.log 2>&1; echo \"b1 exit \$?\" >>$J/done
+      { python3 -m pytest -q -m gpu tests/test_span_kernel.py tests/test_kernels.py tests/test_rewrite_gpu.py \
+          >$J/gputests.log 2>&1; echo \"gputests exit \$?\" >>$J/done; } &
+      sweep chai20 long $CHAI20 &
+      { python3 benchmarks/frontier.py $MODEL --levels 0.1,0.15,0.25,0.3 --calib $CALIB --data-dir $EVAL \
+          --limit 500 --device $DEVICE --workers 5 --out $J/frontier >$J/frontier.log 2>&1
+        echo \"frontier exit \$?\" >>$J/done; } &
+      wait
+      echo all-done >>$J/done" >"$J/driver.log" 2>&1 &
+    sleep 2; echo launched ;;
   collect)
-    (cd "$J" && tar czf "$OUT/transforms.tgz" --exclude='*.safetensors' --exclude='*.gguf' p s ./*.log done \
-      ./*.json 2>/dev/null)
+    (cd "$J" && tar czf "$OUT/transforms.tgz" --exclude='*.safetensors' --exclude='*.gguf' --ignore-failed-read \
+      p s b1 frontier ./*.log ./*.txt done ./*.json 2>/dev/null)
     ls -la "$OUT" ;;
   *) echo "usage: device_transforms.sh launch|status|decode|collect" >&2; exit 2 ;;
 esac
