@@ -102,6 +102,26 @@ def step_times(models: list, caches: list, batch: int, iters: int, device: str) 
     return times
 
 
+@torch.no_grad()
+def host_profile(model, cache, batch: int, steps: int, device: str) -> dict:
+    """Where a decode step's host time goes: torch.profiler over `steps` steps, ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.full((batch, 1), 5, device=device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            model(input_ids=tok, past_key_values=cache, use_cache=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return {"steps": steps, "host_ms_per_step": round(total / 1e3 / steps, 3),
+            "ops_per_step": round(sum(e.count for e in ops) / steps, 1),
+            "top": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                     "self_host_ms_per_step": round(e.self_cpu_time_total / 1e3 / steps, 3)} for e in ops[:25]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=None)
@@ -113,6 +133,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
     ap.add_argument("--dtype", dest="dtype_name", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--profile", type=int, default=0, help="also profile this many steps of each model (host time)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if not args.llama7b_layers and not (args.model and args.plans):
@@ -149,6 +170,12 @@ def main() -> None:
                        "bytes_model_ratio": round((weight_bytes + held[0]) / (weight_bytes + held[1]), 3),
                        "original_all_ms": [round(x * 1e3, 4) for x in t[0]],
                        "plan_all_ms": [round(x * 1e3, 4) for x in t[1]]}
+                if args.profile:
+                    row["profile"] = {name: host_profile(m, c, batch, args.profile, args.device)
+                                      for name, m, c in zip(("original", "plan"), (base, chai), caches, strict=True)}
+                    for name, prof in row["profile"].items():
+                        _log(f"  {name}: {prof['host_ms_per_step']} ms host, {prof['ops_per_step']} ops a step; top: "
+                             + ", ".join(f"{o['op']} {o['self_host_ms_per_step']}" for o in prof["top"][:6]))
                 result["rows"].append(row)
                 _log(f"{label} B={batch} C={context}: {med[0]:.3f} ms vs {med[1]:.3f} ms ({row['ratio']}x; "
                      f"bytes model {row['bytes_model_ratio']}x; KV {held[1]:,} of {held[0]:,}, planned {planned:,})")

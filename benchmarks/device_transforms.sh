@@ -125,30 +125,29 @@ case "${1:-}" in
     P=${PLANS:-$J/p}
     python3 benchmarks/bench_transforms_decode.py "$MODEL" --plans "$P/cm75/plan.json" \
       "$P/span40m75/plan.json" --contexts 4096,16384 --batch 1,8 --iters 20 --dtype bf16 --device "$DEVICE" \
-      --out "$J/decode_h200.json" 2>"$J/decode.log" | tail -12 ;;
+      --profile "${PROFILE:-0}" --out "$J/decode_h200.json" 2>"$J/decode.log" | tail -12 ;;
   owed)  # what the first run left (2026-11-29, second stop), in the background: first the timings alone on the
-    # GPU (the SmolLM2 decode step with the plans kept in docs/, then issue 15's B=1 kernel sweep), then side by
-    # side: the GPU tests, the CHAI-only row's long-context tasks, issue 18's frontier levels with distillation
+    # GPU (the SmolLM2 decode step with the plans kept in docs/, with a host profile; then issue 15's B=1 kernel
+    # sweep), then side by side: the GPU tests and the CHAI-only row's long-context tasks
     mkdir -p "$J/s"
     : >"$J/done"
     python3 -c "from chai_compile.loading import load_model; load_model('$MODEL')"
     setsid nohup bash -c "
       source benchmarks/device_transforms.sh functions
-      PLANS=docs/results/spans/smollm2-4k-h200/plans bash benchmarks/device_transforms.sh decode >$J/decode.txt 2>&1
+      PROFILE=2 PLANS=docs/results/spans/smollm2-4k-h200/plans bash benchmarks/device_transforms.sh decode \
+        >$J/decode.txt 2>&1
       echo \"decode exit \$?\" >>$J/done
       python3 benchmarks/sweep_b1_decode.py --out $J/b1 >$J/b1.log 2>&1; echo \"b1 exit \$?\" >>$J/done
       { python3 -m pytest -q -m gpu tests/test_span_kernel.py tests/test_kernels.py tests/test_rewrite_gpu.py \
-          >$J/gputests.log 2>&1; echo \"gputests exit \$?\" >>$J/done; } &
+          >$J/gputests.log 2>&1 && python3 -m pytest -q tests/test_rewrite_transforms.py >>$J/gputests.log 2>&1
+        echo \"gputests exit \$?\" >>$J/done; } &
       sweep chai20 long $CHAI20 &
-      { python3 benchmarks/frontier.py $MODEL --levels 0.1,0.15,0.25,0.3 --calib $CALIB --data-dir $EVAL \
-          --limit 500 --device $DEVICE --workers 5 --out $J/frontier >$J/frontier.log 2>&1
-        echo \"frontier exit \$?\" >>$J/done; } &
       wait
       echo all-done >>$J/done" >"$J/driver.log" 2>&1 &
     sleep 2; echo launched ;;
   collect)
     (cd "$J" && tar czf "$OUT/transforms.tgz" --exclude='*.safetensors' --exclude='*.gguf' --ignore-failed-read \
-      p s b1 frontier ./*.log ./*.txt done ./*.json 2>/dev/null)
+      p s b1 ./*.log ./*.txt done ./*.json 2>/dev/null)
     ls -la "$OUT" ;;
   *) echo "usage: device_transforms.sh launch|status|decode|collect" >&2; exit 2 ;;
 esac

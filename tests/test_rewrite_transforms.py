@@ -259,6 +259,29 @@ def one_line(e: pytest.ExceptionInfo) -> str:
     return text
 
 
+def test_span_layers_of_one_forward_share_their_step_tables(monkeypatch):
+    """The real indices and the ring rows are built by the first span layer of a forward and reused by the
+    others (a decode step is launch-bound); a new forward builds them again, and the decode stays exact."""
+    from chai_compile.rewrite import span_step
+
+    built = []
+    real_valid_keys = span_step._valid_keys
+    monkeypatch.setattr(span_step, "_valid_keys", lambda *a: built.append(1) or real_valid_keys(*a))
+    orig = tiny3()
+    model = apply_mapping(copy.deepcopy(orig), plans(orig)["span"])  # layers 1 and 2 are span layers
+    ids, mask = left_padded(97, 12)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model_forward(model, cache, input_ids=ids[:, :8], attention_mask=mask[:, :8])
+        assert len(built) == 1
+        steps = [model_forward(model, cache, input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1]).logits
+                 for t in range(8, 12)]
+        assert len(built) == 5
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 8:]
+    live = mask[:, 8:].bool()
+    assert (torch.cat(steps, 1) - full)[live].abs().max().item() < TOL
+
+
 def test_a_full_ring_is_written_in_place_and_survives_reordering():
     """Once a bounded group's ring is full a decode step overwrites one row of the same buffers (no copy of the
     ring); a batch reorder (beam search, generate's batch selection) gives new tensors, from which the next

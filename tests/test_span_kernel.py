@@ -24,6 +24,7 @@ from chai_compile.mapping import ClusterMapping, LayerMapping, Span
 from chai_compile.rewrite import apply_mapping, span_kernel
 from chai_compile.rewrite.span import SpanAttention, head_groups
 from chai_compile.rewrite.span_cache import SpanCacheLayer
+from chai_compile.rewrite.span_step import SpanStep
 from tests.kernel_device import DEV, needs_kernel
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]
@@ -115,7 +116,8 @@ def test_span_decode_matches_float64_reference(case, launches):
     worst = 0.0
     for t in range(prefill, length):
         real = store(t, t + 1)
-        got = span_kernel.span_decode(q[:, :, t], layer, classes, index[:, t], real, SCALE, padded)
+        step = SpanStep((None,) * 5, index[:, t : t + 1], real)
+        got = span_kernel.span_decode(q[:, :, t], layer, classes, step, SCALE, padded)
         want = reference_step(q[:, :, t], k[:, :, : t + 1], v[:, :, : t + 1], index[:, : t + 1], spans, group)
         live = valid[:, t]
         worst = max(worst, (got.double() - want)[live].abs().max().item())

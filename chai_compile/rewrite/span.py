@@ -25,9 +25,9 @@ from chai_compile.adapters import AttentionCall, ModelAdapter
 from chai_compile.choices import Membership
 from chai_compile.mapping import LayerMapping, Span
 from chai_compile.rewrite.base import ClusteredAttention, RewriteError, owned_linear
-from chai_compile.rewrite.dynamic import _valid_keys
 from chai_compile.rewrite.span_cache import HeadGroup, SpanCacheLayer
 from chai_compile.rewrite.span_kernel import SpanClass, span_classes, span_decode
+from chai_compile.rewrite.span_step import SpanStep, span_step
 from chai_compile.rewrite.static import _HALF, _kernels
 
 
@@ -120,14 +120,10 @@ class SpanAttention(ClusteredAttention):
             layer.lazy_initialization(k, v)
         past = 0 if layer is None else layer.seen
         real = torch.zeros(b, dtype=torch.int64, device=x.device) if layer is None else layer.real
-        mask = call.attention_mask
-        if mask is not None:
-            mask = mask[..., : past + s]  # columns of keys seen so far; the chunk's are the last s
-        valid = _valid_keys(mask, b, s, x.device)
-        index = torch.where(valid, real[:, None] + valid.long().cumsum(1) - 1, -1)  # [B, S] real index
-        real_after = real + valid.long().sum(1)
+        step = span_step(call, cache, real, past)
+        index, real_after = step.index, step.real_after
         if s == 1 and layer is not None and self._on_kernel(q):
-            return self._kernel_decode(q, k, v, layer, index, real_after, padded=mask is not None)
+            return self._kernel_decode(q, k, v, layer, step, padded=call.attention_mask is not None)
         out = x.new_empty(b, self.num_heads, s, d)
         for i in range(len(self.groups)):
             kvs, heads = getattr(self, f"kv_heads_{i}"), getattr(self, f"q_heads_{i}")
@@ -135,30 +131,30 @@ class SpanAttention(ClusteredAttention):
             if layer is None:
                 keys, values, key_index = k_new, v_new, index
             elif s == 1:  # one token: what the cache keeps once it is in holds every key it may read (no copy)
-                layer.store(i, k_new, v_new, index, real_after, s)
+                layer.store(i, k_new, v_new, index, real_after, s, step.memo)
                 keys, values, key_index = layer.past(i)
             else:  # a chunk's early queries may read keys its later tokens evict: attend over past + chunk
                 pk, pv, pi = layer.past(i)
                 keys, values = torch.cat([pk, k_new], -2), torch.cat([pv, v_new], -2)
                 key_index = torch.cat([pi, index], -1)
-                layer.store(i, k_new, v_new, index, real_after, s)
+                layer.store(i, k_new, v_new, index, real_after, s, step.memo)
             out[:, heads] = self._group_attention(q.index_select(1, heads), keys, values, key_index, index, heads)
         if layer is not None:
             layer.advance(real_after, s)
         return out
 
     def _kernel_decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: SpanCacheLayer,
-                       index: torch.Tensor, real_after: torch.Tensor, padded: bool) -> torch.Tensor:
+                       step: SpanStep, padded: bool) -> torch.Tensor:
         """One decode step on the Triton kernel (span_kernel.py), which reads the cache as stored: the
         current token is stored first."""
         for i in range(len(self.groups)):
             kvs = getattr(self, f"kv_heads_{i}")
-            layer.store(i, k.index_select(1, kvs), v.index_select(1, kvs), index, real_after, 1)
-        layer.advance(real_after, 1)
+            layer.store(i, k.index_select(1, kvs), v.index_select(1, kvs), step.index, step.real_after, 1, step.memo)
+        layer.advance(step.real_after, 1)
         classes = self._classes.get(q.device)
         if classes is None:
             classes = self._classes[q.device] = span_classes(self.spans, self.groups, self.group, q.device)
-        return span_decode(q[:, :, 0], layer, classes, index[:, 0], real_after, self.scale, padded).unsqueeze(2)
+        return span_decode(q[:, :, 0], layer, classes, step, self.scale, padded).unsqueeze(2)
 
     def _on_kernel(self, q: torch.Tensor) -> bool:
         """Decode on the Triton kernel: CUDA, fp16/bf16, as static layers (tl.dot needs a head size >= 16)."""

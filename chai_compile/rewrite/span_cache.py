@@ -72,10 +72,12 @@ class SpanCacheLayer(CacheLayerMixin):
         return self.entries[group]
 
     def store(self, group: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, real_after: torch.Tensor,
-              slots: int) -> None:
+              slots: int, memo: dict | None = None) -> None:
         """Add a chunk's k, v [B, n, S, d] with real indices [B, S] (-1: padding) to group `group`.
 
-        `real_after` [B]: real tokens per sequence once the chunk is in; `slots`: the chunk's length."""
+        `real_after` [B]: real tokens per sequence once the chunk is in; `slots`: the chunk's length. `memo`:
+        the forward's shared tables (span_step.SpanStep.memo), where the ring rows of a storage rule are kept
+        for the other span layers of the same forward."""
         g = self.groups[group]
         old_k, old_v, old_i = self.entries[group]
         if g.capacity is None:
@@ -93,8 +95,13 @@ class SpanCacheLayer(CacheLayerMixin):
             if length == g.capacity:
                 self.rings[group] = (buf_k, buf_v, buf_i)
         # The ring's row of each survivor (kernels/span_ring.py); the others go to the scratch entry.
-        keep = span_ring.survives(index, real_after, g.sinks, g.window)
-        target = torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
+        key = ("ring", g.sinks, g.window, length)
+        target = None if memo is None else memo.get(key)
+        if target is None:
+            keep = span_ring.survives(index, real_after, g.sinks, g.window)
+            target = torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
+            if memo is not None:
+                memo[key] = target
         at = target[:, None, :, None].expand(b, n, target.shape[1], d)
         buf_k.scatter_(2, at, k)
         buf_v.scatter_(2, at, v)

@@ -30,6 +30,7 @@ import torch
 
 from chai_compile.mapping import Span
 from chai_compile.rewrite.span_cache import HeadGroup, SpanCacheLayer
+from chai_compile.rewrite.span_step import SpanStep
 from chai_compile.rewrite.static import _kernels
 
 
@@ -64,45 +65,54 @@ def span_classes(spans: tuple[Span | None, ...], groups: tuple[HeadGroup, ...], 
     return tuple(out)
 
 
-def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass, ...], query_index: torch.Tensor,
-                real: torch.Tensor, scale: float, padded: bool) -> torch.Tensor:
+def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass, ...], step: SpanStep,
+                scale: float, padded: bool) -> torch.Tensor:
     """One decode step: q [B, H, d] over `layer` with the current token stored -> [B, H, d].
 
-    query_index [B]: the current token's real index (-1: padding); real [B]: real tokens seen per sequence
-    (the current one included). padded: the decoder handed a mask, so slots may be padding: a layer with a
-    full group then checks its slots on the host (one sync per layer and step; eager attention always
-    hands a mask). Without a mask the decoder saw no padding, and every full-group slot is a real token."""
+    step: the forward's shared tables (span_step.py): the current token's real index [B, 1] (-1: padding) and
+    the real tokens seen per sequence (the current one included); the row ranges below depend only on those
+    and the storage rule, so the span layers of one forward build them once. padded: the decoder handed a
+    mask, so slots may be padding: the full groups' slots are then checked on the host (one sync per step;
+    eager attention always hands a mask). Without a mask the decoder saw no padding, and every full-group
+    slot is a real token."""
     kernels = _kernels()
     b, h, d = q.shape
     out = q.new_empty(b, h, d)
-    live = query_index >= 0
-    full_rows = None  # (left padded, no padding at all) of the full groups, checked on first need
+    query_index, real = step.index[:, 0], step.real_after
     for cls in classes:
         grp = layer.groups[cls.group]
         keys, values, index = layer.past(cls.group)
         rows = keys.shape[-2]
-        window = cls.window if cls.window is not None else rows
         if grp.capacity is None:
-            if padded and full_rows is None:
-                full_rows = _full_rows(index, real)
-            on_kernel = not padded or (full_rows[0] and (cls.sinks == 0 or full_rows[1]))
-            end = torch.full_like(real, rows)
-            start = rows - real.clamp(max=window)
+            full_rows = step.table(("full rows", rows), lambda index=index: _full_rows(index, real)) if padded \
+                else (True, True)
+            on_kernel = full_rows[0] and (cls.sinks == 0 or full_rows[1])
         else:
-            # layer.seen bounds every sequence's n: below the capacity no ring has wrapped yet.
             on_kernel = cls.window == grp.window or layer.seen <= grp.capacity
-            end = real.clamp(max=grp.capacity)
-            start = torch.where(real > grp.capacity, grp.sinks, (real - window).clamp(min=0))
         q_c = q.index_select(1, cls.heads)
         if on_kernel:
-            lengths = torch.where(live, end, 0).to(torch.int32)
-            span = torch.stack([start, end], 1).to(torch.int32)
+            lengths, span = step.table(("rows", grp.capacity, grp.sinks, rows, cls.window),
+                                       lambda grp=grp, cls=cls, rows=rows: _row_ranges(grp, cls, rows, step))
             o = kernels.clustered_decode(q_c, keys, values, lengths, cls.offsets, cls.kv, cls.kv, scale,
                                          span=span, sinks=cls.sinks)
         else:
             o = _torch_heads(q_c, keys, values, index, cls, query_index, scale)
         out.index_copy_(1, cls.heads, o)
     return out
+
+
+def _row_ranges(grp: HeadGroup, cls: SpanClass, rows: int, step: SpanStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths int32 [B], span int32 [B, 2]): the kernel's rows for a class of `grp` (module docstring)."""
+    real = step.real_after
+    window = cls.window if cls.window is not None else rows
+    if grp.capacity is None:
+        end = torch.full_like(real, rows)
+        start = rows - real.clamp(max=window)
+    else:
+        end = real.clamp(max=grp.capacity)
+        start = torch.where(real > grp.capacity, grp.sinks, (real - window).clamp(min=0))
+    lengths = torch.where(step.index[:, 0] >= 0, end, 0).to(torch.int32)
+    return lengths, torch.stack([start, end], 1).to(torch.int32)
 
 
 def _full_rows(index: torch.Tensor, real: torch.Tensor) -> tuple[bool, bool]:
