@@ -126,8 +126,8 @@ class SpanAttention(ClusteredAttention):
             return self._kernel_decode(q, k, v, layer, step, padded=call.attention_mask is not None)
         out = x.new_empty(b, self.num_heads, s, d)
         for i in range(len(self.groups)):
-            kvs, heads = getattr(self, f"kv_heads_{i}"), getattr(self, f"q_heads_{i}")
-            k_new, v_new = k.index_select(1, kvs), v.index_select(1, kvs)
+            heads = getattr(self, f"q_heads_{i}")
+            k_new, v_new = self._kv_of(k, i), self._kv_of(v, i)
             if layer is None:
                 keys, values, key_index = k_new, v_new, index
             elif s == 1:  # one token: what the cache keeps once it is in holds every key it may read (no copy)
@@ -148,13 +148,19 @@ class SpanAttention(ClusteredAttention):
         """One decode step on the Triton kernel (span_kernel.py), which reads the cache as stored: the
         current token is stored first."""
         for i in range(len(self.groups)):
-            kvs = getattr(self, f"kv_heads_{i}")
-            layer.store(i, k.index_select(1, kvs), v.index_select(1, kvs), step.index, step.real_after, 1, step.memo)
+            layer.store(i, self._kv_of(k, i), self._kv_of(v, i), step.index, step.real_after, 1, step.memo)
         layer.advance(step.real_after, 1)
         classes = self._classes.get(q.device)
         if classes is None:
             classes = self._classes[q.device] = span_classes(self.spans, self.groups, self.group, q.device)
         return span_decode(q[:, :, 0], layer, classes, step, self.scale, padded).unsqueeze(2)
+
+    def _kv_of(self, t: torch.Tensor, i: int) -> torch.Tensor:
+        """Head group i's KV heads of t [B, KV, S, d]: a view when they are consecutive (no copy launched)."""
+        kv = self.groups[i].kv_heads
+        if kv == tuple(range(kv[0], kv[0] + len(kv))):
+            return t[:, kv[0] : kv[0] + len(kv)]
+        return t.index_select(1, getattr(self, f"kv_heads_{i}"))
 
     def _on_kernel(self, q: torch.Tensor) -> bool:
         """Decode on the Triton kernel: CUDA, fp16/bf16, as static layers (tl.dot needs a head size >= 16)."""
