@@ -85,6 +85,16 @@ CASES = [
 ]
 
 
+def test_span_classes_read_consecutive_heads_as_views():
+    """A class whose heads are consecutive is read from q and written to the output as views (no gather);
+    interleaved heads are gathered."""
+    one_kv = lambda spans: span_kernel.span_classes(spans, head_groups(spans, 1), len(spans), torch.device("cpu"))  # noqa: E731
+    blocks = one_kv((S(1, 4), S(1, 4), S(2, 3), S(2, 3)))
+    assert [(c.heads.tolist(), c.first) for c in blocks] == [([0, 1], 0), ([2, 3], 2)]
+    mixed = one_kv((S(1, 4), S(2, 3), S(1, 4), S(2, 3)))
+    assert [(c.heads.tolist(), c.first) for c in mixed] == [([0, 2], None), ([1, 3], None)]
+
+
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_span_decode_matches_float64_reference(case, launches):

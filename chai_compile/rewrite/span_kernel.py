@@ -44,6 +44,7 @@ class SpanClass:
     heads: torch.Tensor  # [C] int64: the query heads, in layer order
     offsets: torch.Tensor  # [C + 1] int32: cluster c is head c
     kv: torch.Tensor  # [C] int32: each head's KV head within the group (its K and its V head)
+    first: int | None  # the first head when the heads are consecutive (read and written as views), else None
 
 
 def span_classes(spans: tuple[Span | None, ...], groups: tuple[HeadGroup, ...], group_size: int,
@@ -61,7 +62,8 @@ def span_classes(spans: tuple[Span | None, ...], groups: tuple[HeadGroup, ...], 
                 i, 0 if sp is None else sp.sinks, None if sp is None else sp.window,
                 torch.tensor(heads, device=device),
                 torch.arange(len(heads) + 1, dtype=torch.int32, device=device),
-                torch.tensor(local, dtype=torch.int32, device=device)))
+                torch.tensor(local, dtype=torch.int32, device=device),
+                heads[0] if heads == list(range(heads[0], heads[0] + len(heads))) else None))
     return tuple(out)
 
 
@@ -89,14 +91,18 @@ def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass
             on_kernel = full_rows[0] and (cls.sinks == 0 or full_rows[1])
         else:
             on_kernel = cls.window == grp.window or layer.seen <= grp.capacity
-        q_c = q.index_select(1, cls.heads)
         if on_kernel:
             lengths, span = step.table(("rows", grp.capacity, grp.sinks, rows, cls.window),
                                        lambda grp=grp, cls=cls, rows=rows: _row_ranges(grp, cls, rows, step))
-            o = kernels.clustered_decode(q_c, keys, values, lengths, cls.offsets, cls.kv, cls.kv, scale,
-                                         span=span, sinks=cls.sinks)
+            if cls.first is not None:  # consecutive heads: the kernel reads q and writes out in place
+                at = slice(cls.first, cls.first + cls.heads.numel())
+                kernels.clustered_decode(q[:, at], keys, values, lengths, cls.offsets, cls.kv, cls.kv, scale,
+                                         span=span, sinks=cls.sinks, out=out[:, at])
+                continue
+            o = kernels.clustered_decode(q.index_select(1, cls.heads), keys, values, lengths, cls.offsets, cls.kv,
+                                         cls.kv, scale, span=span, sinks=cls.sinks)
         else:
-            o = _torch_heads(q_c, keys, values, index, cls, query_index, scale)
+            o = _torch_heads(q.index_select(1, cls.heads), keys, values, index, cls, query_index, scale)
         out.index_copy_(1, cls.heads, o)
     return out
 
