@@ -12,7 +12,6 @@ Launched by chai_compile.kernels.triton_decode.clustered_decode, which picks bet
 from __future__ import annotations
 
 from chai_compile.kernels._triton import tl, triton
-from chai_compile.kernels.triton_span import key_rows, span_range
 
 
 @triton.jit
@@ -41,10 +40,14 @@ def scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
-    a = 0  # sinks and span start (span_range); unused without a span
-    s0 = 0
     if HAS_SPAN:
-        a, s0, length = span_range(Span, b, sinks, length)
+        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
+        span_start = tl.load(Span + b * 2)
+        span_end = tl.load(Span + b * 2 + 1)
+        a = tl.minimum(sinks, length)
+        s0 = tl.maximum(span_start, a)
+        e0 = tl.minimum(span_end, length)
+        length = a + tl.maximum(e0 - s0, 0)
 
     q = tl.load(
         Q + b * stride_qb + cl[:, None] * stride_qc + offs_d[None, :], mask=r_valid[:, None] & dmask[None, :], other=0.0
@@ -57,7 +60,10 @@ def scores_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        t = key_rows(n, a, s0, HAS_SPAN)
+        if HAS_SPAN:
+            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
+        else:
+            t = n.to(tl.int64)
         k = tl.load(
             k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
         )
@@ -92,10 +98,13 @@ def pv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
-    a = 0  # sinks and span start (span_range); unused without a span
-    s0 = 0
     if HAS_SPAN:
-        a, s0, length = span_range(Span, b, sinks, length)
+        span_start = tl.load(Span + b * 2)
+        span_end = tl.load(Span + b * 2 + 1)
+        a = tl.minimum(sinks, length)
+        s0 = tl.maximum(span_start, a)
+        e0 = tl.minimum(span_end, length)
+        length = a + tl.maximum(e0 - s0, 0)
 
     v_base = V + b * stride_vb + vh * stride_vh
     s_rows = Scores + (b * num_clusters + cl) * stride_st
@@ -108,7 +117,10 @@ def pv_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        t = key_rows(n, a, s0, HAS_SPAN)
+        if HAS_SPAN:
+            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
+        else:
+            t = n.to(tl.int64)
         s = tl.load(s_rows[:, None] + n[None, :], mask=n_valid[None, :], other=float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one valid key
         alpha = tl.exp2(m_i - m_new)
