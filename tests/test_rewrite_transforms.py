@@ -274,6 +274,8 @@ def test_span_layers_of_one_forward_share_their_step_tables(monkeypatch):
     with torch.no_grad():
         model_forward(model, cache, input_ids=ids[:, :8], attention_mask=mask[:, :8])
         assert len(built) == 1
+        # kept on the cache until the next forward: the rotary table only, never the decoder's (4D) mask
+        assert [torch.is_tensor(x) for x in cache._chai_span_step.key] == [True, False, False, False, False]
         steps = [model_forward(model, cache, input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1]).logits
                  for t in range(8, 12)]
         assert len(built) == 5

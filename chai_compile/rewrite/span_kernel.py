@@ -90,6 +90,7 @@ def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass
                 else (True, True)
             on_kernel = full_rows[0] and (cls.sinks == 0 or full_rows[1])
         else:
+            # layer.seen bounds every sequence's n: below the capacity no ring has wrapped yet.
             on_kernel = cls.window == grp.window or layer.seen <= grp.capacity
         if on_kernel:
             lengths, span = step.table(("rows", grp.capacity, grp.sinks, rows, cls.window),

@@ -26,7 +26,7 @@ _ATTR = "_chai_span_step"
 class SpanStep:
     """One forward's shared span tables. `memo` holds derived tables by key (see `table`)."""
 
-    key: tuple[Any, ...]  # (rotary cos, mask, past, chunk length, batch): the forward it belongs to
+    key: tuple[Any, ...]  # (rotary cos, id of the mask, past, chunk length, batch): the forward it belongs to
     index: torch.Tensor  # [B, S] real index of each chunk token (-1: padding)
     real_after: torch.Tensor  # [B] real tokens per sequence once the chunk is in
     memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)
@@ -45,13 +45,14 @@ def span_step(call: AttentionCall, cache: Any, real: torch.Tensor, past: int) ->
     cos = call.position_embeddings[0] if call.position_embeddings is not None else None
     mask = call.attention_mask
     prev = getattr(cache, _ATTR, None) if cache is not None else None
-    if (prev is not None and cos is not None and prev.key[0] is cos and prev.key[1] is mask
-            and prev.key[2:] == (past, s, b)):
+    if prev is not None and cos is not None and prev.key[0] is cos and prev.key[1:] == (id(mask), past, s, b):
         return prev
     seen = None if mask is None else mask[..., : past + s]  # columns of keys seen so far; the chunk's are last
     valid = _valid_keys(seen, b, s, call.hidden_states.device)
     index = torch.where(valid, real[:, None] + valid.long().cumsum(1) - 1, -1)
-    step = SpanStep((cos, mask, past, s, b), index, real + valid.long().sum(1))
+    step = SpanStep((cos, id(mask), past, s, b), index, real + valid.long().sum(1))
     if cache is not None and cos is not None:
-        setattr(cache, _ATTR, step)  # holds cos and mask: their ids cannot be reused while it is kept
+        # Holding cos (small) tells this forward from any later one. The mask is told by its id alone: the
+        # decoder holds it while its layers run, and a prefill's 4D mask can take gigabytes.
+        setattr(cache, _ATTR, step)
     return step
