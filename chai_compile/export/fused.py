@@ -111,6 +111,15 @@ class _MaskHolder:
         self.mask = attention_mask.to(torch.int32)
 
 
+def take_over(fused: nn.Module, layer: ClusteredAttention) -> None:
+    """What a fused layer takes from the rewritten layer it replaces (the export owns the model): the adapter
+    and layer index, the original forward (what adapter_for() reads on a rewritten model) and the Q/K/V
+    projections (what positioned_qkv reads)."""
+    fused.adapter, fused.layer_idx = layer.adapter, layer.layer_idx
+    fused.original_forward = layer.original_forward
+    fused.q_proj, fused.k_proj, fused.v_proj, fused.q_scale = layer.q_proj, layer.k_proj, layer.v_proj, layer.q_scale
+
+
 class FusedClusteredAttention(nn.Module):
     """A static rewritten layer whose attention core is the contract's node; built from that layer.
 
@@ -119,10 +128,7 @@ class FusedClusteredAttention(nn.Module):
 
     def __init__(self, layer: StaticClusteredAttention, mask: _MaskHolder, kv_cache: KVCacheMode) -> None:
         super().__init__()
-        self.adapter, self.layer_idx = layer.adapter, layer.layer_idx
-        self.original_forward = layer.original_forward  # what adapter_for() reads on a rewritten model
-        # What positioned_qkv reads: the same projections as the rewritten layer.
-        self.q_proj, self.k_proj, self.v_proj, self.q_scale = layer.q_proj, layer.k_proj, layer.v_proj, layer.q_scale
+        take_over(self, layer)
         self.num_clusters, self.num_kept, self.num_kv_heads = layer.num_clusters, layer.num_kept, layer.num_kv_heads
         h, d = layer.num_heads, layer.head_dim
         self.head_dim = d

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from chai_compile.choices import KVCacheMode
+from chai_compile.export.fused import take_over
 from chai_compile.kernels import fused_op
 from chai_compile.rewrite.base import owned_linear
 from chai_compile.rewrite.span import SpanAttention
@@ -46,9 +47,7 @@ class FusedSpanAttention(nn.Module):
 
     def __init__(self, layer: SpanAttention, mask: Any, kv_cache: KVCacheMode) -> None:
         super().__init__()
-        self.adapter, self.layer_idx = layer.adapter, layer.layer_idx
-        self.original_forward = layer.original_forward  # what adapter_for() reads on a rewritten model
-        self.q_proj, self.k_proj, self.v_proj, self.q_scale = layer.q_proj, layer.k_proj, layer.v_proj, layer.q_scale
+        take_over(self, layer)
         self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
         self.groups = layer.groups
         self.mask = mask  # fused._MaskHolder: the 2D int32 mask of the call
