@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -48,6 +49,28 @@ def test_identity_sources_reproduce_the_original(stories):
         with planning_modules(adapter_for(model)):
             got = model(ids).logits
     assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_scorer_blocks_add_up_to_the_whole_batch_formula(stories):
+    """Scorer.measure sums KL and NLL over row blocks: the same as the whole-batch formula in float64, over
+    several batches whose rows are not a multiple of the block."""
+    from chai_compile.plan.select import _KL_ROWS, Scorer
+
+    model = copy.deepcopy(stories.model)
+    ids = torch.randint(3, model.config.vocab_size, (3, 100), generator=torch.Generator().manual_seed(0))
+    scorer = Scorer(model, ids, batch_size=2)  # batches of 2 x 99 and 1 x 99 rows
+    assert 2 * 99 > _KL_ROWS and 2 * 99 % _KL_ROWS
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.3)  # a different model, so the KL is not zero
+        kl, ppl = scorer.measure()
+        want_kl = want_nll = 0.0
+        for b, ref in zip((ids[:2], ids[2:]), scorer.reference, strict=True):
+            lp = model(input_ids=b).logits[:, :-1].double().log_softmax(-1).flatten(0, 1)
+            r = ref.double()
+            want_kl += (r.exp() * (r - lp)).sum().item()
+            want_nll -= lp.gather(-1, b[:, 1:].flatten()[:, None]).sum().item()
+    assert kl > 1e-4 and kl == pytest.approx(want_kl / ids[:, 1:].numel(), rel=1e-4)
+    assert ppl == pytest.approx(math.exp(want_nll / ids[:, 1:].numel()), rel=1e-5)
 
 
 def test_plan_meets_the_budget_and_writes_its_report(planned):

@@ -23,6 +23,8 @@ from chai_compile.adapters import ModelAdapter
 from chai_compile.device_map import input_device
 from chai_compile.plan.shared_scores import SharedScoresAttention
 
+_KL_ROWS = 128  # token rows per block of Scorer.measure: 128 x 49k-vocab floats = 25 MB a temporary
+
 
 @dataclasses.dataclass
 class Round:
@@ -46,9 +48,13 @@ class Scorer:
         return [self.windows[i : i + self.batch_size] for i in range(0, len(self.windows), self.batch_size)]
 
     @torch.no_grad()
-    def _logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B * (T - 1), V] of ids [B, T]."""
         logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits
-        return logits[:, :-1].float().log_softmax(-1)
+        return logits[:, :-1].flatten(0, 1)
+
+    def _logprobs(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._logits(ids).float().log_softmax(-1)
 
     @torch.no_grad()
     def measure(self) -> tuple[float, float]:
@@ -56,12 +62,19 @@ class Scorer:
         kl = nll = 0.0
         n = 0
         for ids, ref in zip(self._batches(), self.reference, strict=True):
-            lp = self._logprobs(ids)
-            r = ref.float()
-            kl += (r.exp() * (r - lp)).sum().item()
-            target = ids[:, 1:].to(lp.device)  # the last layer's device on a model spread over several
-            nll -= lp.gather(-1, target[..., None]).sum().item()
-            n += target.numel()
+            logits = self._logits(ids)
+            target = ids[:, 1:].flatten().to(logits.device)  # the last layer's device on a spread model
+            # In row blocks: full-vocabulary temporaries of a whole batch (B x T x V floats, several of them)
+            # cost as much as the forward on a CPU, mostly in page faults; a block's stay small. The sums stay
+            # on the device until the batch is done (no sync per block on a GPU).
+            sums = torch.zeros(2, dtype=torch.float64, device=logits.device)
+            for i in range(0, logits.shape[0], _KL_ROWS):
+                lp = logits[i : i + _KL_ROWS].float().log_softmax(-1)
+                r = ref[i : i + _KL_ROWS].float()
+                sums[0] += (r.exp() * (r - lp)).sum()
+                sums[1] -= lp.gather(-1, target[i : i + _KL_ROWS, None]).sum()
+            batch_kl, batch_nll = sums.tolist()
+            kl, nll, n = kl + batch_kl, nll + batch_nll, n + target.numel()
         return kl / n, math.exp(nll / n)
 
 
