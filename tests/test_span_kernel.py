@@ -90,9 +90,9 @@ def test_span_classes_read_consecutive_heads_as_views():
     interleaved heads are gathered."""
     one_kv = lambda spans: span_kernel.span_classes(spans, head_groups(spans, 1), len(spans), torch.device("cpu"))  # noqa: E731
     blocks = one_kv((S(1, 4), S(1, 4), S(2, 3), S(2, 3)))
-    assert [(c.heads.tolist(), c.first) for c in blocks] == [([0, 1], 0), ([2, 3], 2)]
+    assert [(c.heads.tolist(), c.at) for c in blocks] == [([0, 1], slice(0, 2)), ([2, 3], slice(2, 4))]
     mixed = one_kv((S(1, 4), S(2, 3), S(1, 4), S(2, 3)))
-    assert [(c.heads.tolist(), c.first) for c in mixed] == [([0, 2], None), ([1, 3], None)]
+    assert [(c.heads.tolist(), c.at) for c in mixed] == [([0, 2], None), ([1, 3], None)]
 
 
 @needs_kernel

@@ -26,7 +26,7 @@ from chai_compile.choices import Membership
 from chai_compile.mapping import LayerMapping, Span
 from chai_compile.rewrite.base import ClusteredAttention, RewriteError, owned_linear
 from chai_compile.rewrite.span_cache import HeadGroup, SpanCacheLayer
-from chai_compile.rewrite.span_kernel import SpanClass, span_classes, span_decode
+from chai_compile.rewrite.span_kernel import SpanClass, consecutive, span_classes, span_decode
 from chai_compile.rewrite.span_step import SpanStep, span_step
 from chai_compile.rewrite.static import _HALF, _kernels
 
@@ -59,6 +59,7 @@ class SpanAttention(ClusteredAttention):
         self.k_proj = owned_linear(p.k_weight, p.k_bias)
         self.spans = layer.spans
         self.groups = head_groups(layer.spans, spec.num_kv_heads)
+        self._kv_at = tuple(consecutive(g.kv_heads) for g in self.groups)  # views where a group's heads allow
         self.use_kernels = True  # tests and benchmarks switch the CUDA decode kernel off to compare paths
         self._classes: dict[torch.device, tuple[SpanClass, ...]] = {}  # the kernel's tables, per device
         big = torch.iinfo(torch.int64).max // 4  # "no limit" for a full head, far from overflow
@@ -157,10 +158,8 @@ class SpanAttention(ClusteredAttention):
 
     def _kv_of(self, t: torch.Tensor, i: int) -> torch.Tensor:
         """Head group i's KV heads of t [B, KV, S, d]: a view when they are consecutive (no copy launched)."""
-        kv = self.groups[i].kv_heads
-        if kv == tuple(range(kv[0], kv[0] + len(kv))):
-            return t[:, kv[0] : kv[0] + len(kv)]
-        return t.index_select(1, getattr(self, f"kv_heads_{i}"))
+        at = self._kv_at[i]
+        return t[:, at] if at is not None else t.index_select(1, getattr(self, f"kv_heads_{i}"))
 
     def _on_kernel(self, q: torch.Tensor) -> bool:
         """Decode on the Triton kernel: CUDA, fp16/bf16, as static layers (tl.dot needs a head size >= 16)."""

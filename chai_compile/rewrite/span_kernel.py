@@ -44,7 +44,7 @@ class SpanClass:
     heads: torch.Tensor  # [C] int64: the query heads, in layer order
     offsets: torch.Tensor  # [C + 1] int32: cluster c is head c
     kv: torch.Tensor  # [C] int32: each head's KV head within the group (its K and its V head)
-    first: int | None  # the first head when the heads are consecutive (read and written as views), else None
+    at: slice | None  # the heads as a slice when they are consecutive (read and written as views), else None
 
 
 def span_classes(spans: tuple[Span | None, ...], groups: tuple[HeadGroup, ...], group_size: int,
@@ -63,8 +63,13 @@ def span_classes(spans: tuple[Span | None, ...], groups: tuple[HeadGroup, ...], 
                 torch.tensor(heads, device=device),
                 torch.arange(len(heads) + 1, dtype=torch.int32, device=device),
                 torch.tensor(local, dtype=torch.int32, device=device),
-                heads[0] if heads == list(range(heads[0], heads[0] + len(heads))) else None))
+                consecutive(heads)))
     return tuple(out)
+
+
+def consecutive(ids: list[int] | tuple[int, ...]) -> slice | None:
+    """ids as a slice when they are consecutive and ascending (a view instead of a gather), else None."""
+    return slice(ids[0], ids[0] + len(ids)) if list(ids) == list(range(ids[0], ids[0] + len(ids))) else None
 
 
 def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass, ...], step: SpanStep,
@@ -95,10 +100,9 @@ def span_decode(q: torch.Tensor, layer: SpanCacheLayer, classes: tuple[SpanClass
         if on_kernel:
             lengths, span = step.table(("rows", grp.capacity, grp.sinks, rows, cls.window),
                                        lambda grp=grp, cls=cls, rows=rows: _row_ranges(grp, cls, rows, step))
-            if cls.first is not None:  # consecutive heads: the kernel reads q and writes out in place
-                at = slice(cls.first, cls.first + cls.heads.numel())
-                kernels.clustered_decode(q[:, at], keys, values, lengths, cls.offsets, cls.kv, cls.kv, scale,
-                                         span=span, sinks=cls.sinks, out=out[:, at])
+            if cls.at is not None:  # consecutive heads: the kernel reads q and writes out in place
+                kernels.clustered_decode(q[:, cls.at], keys, values, lengths, cls.offsets, cls.kv, cls.kv, scale,
+                                         span=span, sinks=cls.sinks, out=out[:, cls.at])
                 continue
             o = kernels.clustered_decode(q.index_select(1, cls.heads), keys, values, lengths, cls.offsets, cls.kv,
                                          cls.kv, scale, span=span, sinks=cls.sinks)
