@@ -7,6 +7,7 @@ triton_split_merge.py (by a second kernel, or by the last program of each tile w
 from __future__ import annotations
 
 from chai_compile.kernels._triton import tl, triton
+from chai_compile.kernels.triton_span import key_rows, span_range
 from chai_compile.kernels.triton_split_merge import merge_tile
 
 
@@ -40,14 +41,10 @@ def split_kernel(
     m_valid = offs_m < count
     vh = tl.load(row + 4 + offs_m).to(tl.int64)
 
+    a = 0  # sinks and span start (span_range); unused without a span
+    s0 = 0
     if HAS_SPAN:
-        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
+        a, s0, length = span_range(Span, b, sinks, length)
 
     # Fold scale and log2(e) into q so the softmax runs on exp2.
     q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0).to(tl.float32) * qk_scale
@@ -62,10 +59,7 @@ def split_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
+        t = key_rows(n, a, s0, HAS_SPAN)
         k = tl.load(
             k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
         )
@@ -135,13 +129,10 @@ def split_dot_kernel(
     # checked at launch): the hints keep the V loads vectorised and eligible for cp.async.
     v_cols = tl.max_contiguous(tl.multiple_of(vh * stride_vh + dim, 8), BLOCK_D)
 
+    a = 0  # sinks and span start (span_range); unused without a span
+    s0 = 0
     if HAS_SPAN:
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
+        a, s0, length = span_range(Span, b, sinks, length)
 
     q = tl.load(Q + b * stride_qb + c * stride_qc + offs_d, mask=dmask, other=0.0)
     q16 = tl.broadcast_to(q[None, :], (16, BLOCK_D))
@@ -156,10 +147,7 @@ def split_dot_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
+        t = key_rows(n, a, s0, HAS_SPAN)
         k = tl.load(
             k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
         )

@@ -12,6 +12,7 @@ Launched by chai_compile.kernels.triton_decode.clustered_decode, which picks bet
 from __future__ import annotations
 
 from chai_compile.kernels._triton import tl, triton
+from chai_compile.kernels.triton_span import key_rows, span_range
 
 
 @triton.jit
@@ -40,14 +41,10 @@ def scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
+    a = 0  # sinks and span start (span_range); unused without a span
+    s0 = 0
     if HAS_SPAN:
-        # Attended keys = sinks [0, a) then the span [s0, e0): walk them as one virtual range.
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
+        a, s0, length = span_range(Span, b, sinks, length)
 
     q = tl.load(
         Q + b * stride_qb + cl[:, None] * stride_qc + offs_d[None, :], mask=r_valid[:, None] & dmask[None, :], other=0.0
@@ -60,10 +57,7 @@ def scores_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
+        t = key_rows(n, a, s0, HAS_SPAN)
         k = tl.load(
             k_base + t[:, None] * stride_kt + offs_d[None, :], mask=n_valid[:, None] & dmask[None, :], other=0.0
         )
@@ -98,13 +92,10 @@ def pv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < HEAD_DIM
+    a = 0  # sinks and span start (span_range); unused without a span
+    s0 = 0
     if HAS_SPAN:
-        span_start = tl.load(Span + b * 2)
-        span_end = tl.load(Span + b * 2 + 1)
-        a = tl.minimum(sinks, length)
-        s0 = tl.maximum(span_start, a)
-        e0 = tl.minimum(span_end, length)
-        length = a + tl.maximum(e0 - s0, 0)
+        a, s0, length = span_range(Span, b, sinks, length)
 
     v_base = V + b * stride_vb + vh * stride_vh
     s_rows = Scores + (b * num_clusters + cl) * stride_st
@@ -117,10 +108,7 @@ def pv_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_valid = n < hi
-        if HAS_SPAN:
-            t = tl.where(n < a, n, n - a + s0).to(tl.int64)
-        else:
-            t = n.to(tl.int64)
+        t = key_rows(n, a, s0, HAS_SPAN)
         s = tl.load(s_rows[:, None] + n[None, :], mask=n_valid[None, :], other=float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds at least one valid key
         alpha = tl.exp2(m_i - m_new)
