@@ -5,6 +5,7 @@
 #   bash benchmarks/device_transforms.sh status     # one line per job
 #   bash benchmarks/device_transforms.sh decode     # decode-step timing (run alone: nothing else on the GPU)
 #   bash benchmarks/device_transforms.sh owed       # what the first run left: timings alone, then evaluations
+#   bash benchmarks/device_transforms.sh frontier   # issue 18: the planner with every transform at 5-30% KV
 #   OUT=$OUT bash benchmarks/device_transforms.sh collect   # results (JSON, Markdown, plots) into $OUT
 # After benchmarks/device_stage.sh unpack (the model, gguf and the evaluation sets). Jobs write under /root/jobs.
 # MODEL=../shared/data/models/stories260K-mha CONTEXT=512 SMALL=1 runs the same pipeline small (a dry run).
@@ -145,9 +146,36 @@ case "${1:-}" in
       wait
       echo all-done >>$J/done" >"$J/driver.log" 2>&1 &
     sleep 2; echo launched ;;
+  frontier)  # issue 18's frontier for the planner given every transform: CHAI + spans + shared layers at 5-30% KV
+    # at CONTEXT by measured KL (span mass 0.75, 1 + 1 windows: cm75's settings), beside span20 (spans only at
+    # 20%, profile-ranked, mass 0.9, 2 + 2 windows: the plan the 2-core CPU makes too), then the kernels' GPU tests
+    mkdir -p "$J/p" "$J/s"
+    : >"$J/done"
+    python3 -c "from chai_compile.loading import load_model; load_model('$MODEL')"
+    setsid nohup bash -c "
+      source benchmarks/device_transforms.sh functions
+      plan span20 --kv-target 0.2 --transforms span --rank profile &
+      WIN=(\${WIN[@]:0:2} --samples 1 --recall-samples 1 --batch-size 2)
+      for l in 05 10 15 20 25 30; do
+        plan all\$l --kv-target 0.\$l --transforms chai,span,shared --per-round 48 --span-mass 0.75 &
+      done
+      wait
+      p=$J/p
+      sweep a short \$p/all05/plan.json \$p/all10/plan.json &
+      sweep b short \$p/all15/plan.json \$p/all20/plan.json &
+      sweep c short \$p/all25/plan.json \$p/all30/plan.json &
+      sweep d short \$p/span20/plan.json &
+      sweep a long \$p/all05/plan.json \$p/all10/plan.json &
+      sweep b long \$p/all15/plan.json \$p/all20/plan.json &
+      sweep c long \$p/all25/plan.json \$p/all30/plan.json \$p/span20/plan.json &
+      wait
+      python3 -m pytest -q -m gpu tests/test_span_kernel.py tests/test_kernels.py >$J/gputests.log 2>&1
+      echo \"gputests exit \$?\" >>$J/done
+      echo all-done >>$J/done" >"$J/driver.log" 2>&1 &
+    sleep 2; echo launched ;;
   collect)
     (cd "$J" && tar czf "$OUT/transforms.tgz" --exclude='*.safetensors' --exclude='*.gguf' --ignore-failed-read \
       p s b1 ./*.log ./*.txt done ./*.json 2>/dev/null)
     ls -la "$OUT" ;;
-  *) echo "usage: device_transforms.sh launch|status|decode|collect" >&2; exit 2 ;;
+  *) echo "usage: device_transforms.sh launch|status|decode|owed|frontier|collect" >&2; exit 2 ;;
 esac
