@@ -103,18 +103,19 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
     try:
         for w in range(n):
             adapter.model(input_ids=input_ids[w : w + 1].to(device), use_cache=False)
+            at = qk[0][0].device
+            maps = None
             for r0 in chunks:
-                at = qk[0][0].device
                 rows = torch.arange(r0, min(r0 + chunk, t), device=at)
                 causal = torch.arange(t, device=at)[None, :] <= rows[:, None]
-                maps = []
+                if maps is None or maps.shape[2] != len(rows):  # one buffer for the chunks of a window
+                    maps = torch.empty(spec.num_layers, spec.num_heads, len(rows), t, device=at)
                 for layer in range(spec.num_layers):
                     q, k = (x.to(at) for x in qk[layer])
-                    s = torch.matmul(q[:, rows], k.transpose(-1, -2)) * scale  # [H, c, T]
-                    p = s.masked_fill(~causal, float("-inf")).softmax(-1)
+                    p = torch.matmul(q[:, rows], k.transpose(-1, -2), out=maps[layer])  # [H, c, T]
+                    _softmax_(p.mul_(scale).masked_fill_(~causal, float("-inf")))
                     mass.add(layer, p, r0)
-                    maps.append(p)
-                sim.add(torch.stack(maps))
+                sim.add(maps)
                 bar.update(1)
             qk.clear()
     finally:
@@ -123,6 +124,13 @@ def long_context_statistics(adapter: ModelAdapter, input_ids: torch.Tensor, *, s
             h.remove()
     return LongContextStats(t, n, tuple(sinks), tuple(windows), mass.mean(), sim.result(),
                             {"statistics_s": time.perf_counter() - t0})
+
+
+def _softmax_(s: torch.Tensor) -> None:
+    """Softmax over the last dimension in place (every causal row keeps its own key, so no row is all -inf):
+    temporaries of a chunk's size page-fault on a CPU."""
+    s.sub_(s.amax(-1, keepdim=True)).exp_()
+    s.div_(s.sum(-1, keepdim=True))
 
 
 def plots(stats: LongContextStats, out_dir: Path) -> list[str]:

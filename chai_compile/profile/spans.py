@@ -34,6 +34,7 @@ class SpanMass:
         self.first = max(first, from_row)
         self.total = torch.zeros(num_layers, num_heads, len(sinks), len(windows), dtype=torch.float64)
         self.rows = torch.zeros(num_layers, dtype=torch.float64)
+        self._run: torch.Tensor | None = None  # the running sums' buffer, reused (fresh ones page-fault on a CPU)
 
     def add(self, layer: int, probs: torch.Tensor, first_row: int) -> None:
         """probs [H, c, T]: causal probability rows first_row .. first_row + c - 1 of one window."""
@@ -43,7 +44,10 @@ class SpanMass:
         if not self.cells or not bool(keep.any()):
             return
         pos = pos[keep]
-        run = probs[:, keep].double().cumsum(-1)  # run[:, r, j] = mass on keys 0..j
+        rows = probs if bool(keep.all()) else probs[:, keep]
+        if self._run is None or self._run.shape != rows.shape or self._run.device != rows.device:
+            self._run = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+        run = torch.cumsum(rows, -1, dtype=torch.float64, out=self._run)  # run[:, r, j] = mass on keys 0..j
         own = run.gather(-1, pos.view(1, -1, 1).expand(h, -1, 1))[..., 0]  # mass up to the query itself (~1)
         for a, b, s, w in self.cells:
             mass = own - run.gather(-1, (pos - w).view(1, -1, 1).expand(h, -1, 1))[..., 0]  # the last w keys
