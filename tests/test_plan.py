@@ -143,6 +143,9 @@ def test_weights_that_do_not_match_the_plan_are_refused(planned, tmp_path, stori
     (["--kv-target", "0.45"], "cannot be met: every clustered layer keeps at least one K head, so the best "
                               "reachable is 37.5% KV saving"),
     (["--kv-target", "0.6"], "--kv-target must be between 0 and 0.5"),
+    (["--kv-target", "0.3", "--max-ppl-increase", "0.0001"],
+     "cannot be met within --max-ppl-increase 0.0001: the best reachable is"),
+    (["--kv-target", "0.3", "--max-ppl-increase", "0.0001"], "let span heads share the budget (--transforms "),
     ([], "a plan needs a budget"),
     (["--kv-target", "0.2", "--seq-len", "4096"], "--seq-len is above the 512 positions the model was trained for"),
 ])

@@ -106,7 +106,9 @@ def plan(model: str, kv_target: float | None, transforms: str, context: int | No
             raise ClusteringError(
                 f"--kv-target {kv_target} cannot be met {why}: the best reachable is "
                 f"{100 * r['kv_cache_saving']:.1f}% KV saving",
-                fix="lower --kv-target" + (" or raise --max-ppl-increase" if max_ppl_increase is not None else ""))
+                fix="lower --kv-target" + (" or raise --max-ppl-increase" if max_ppl_increase is not None else "")
+                    + (", or state the context you serve and let span heads share the budget (--transforms "
+                       "chai,span,shared --context N)" if chai_only else ""))
         if opts.combined:
             _write_combined(claim, res, model, out_dir)
             return
