@@ -132,13 +132,13 @@ class SpanAttention(ClusteredAttention):
             if layer is None:
                 keys, values, key_index = k_new, v_new, index
             elif s == 1:  # one token: what the cache keeps once it is in holds every key it may read (no copy)
-                layer.store(i, k_new, v_new, index, real_after, s, step.memo)
+                layer.store(i, k_new, v_new, index, real_after, s, step)
                 keys, values, key_index = layer.past(i)
             else:  # a chunk's early queries may read keys its later tokens evict: attend over past + chunk
                 pk, pv, pi = layer.past(i)
                 keys, values = torch.cat([pk, k_new], -2), torch.cat([pv, v_new], -2)
                 key_index = torch.cat([pi, index], -1)
-                layer.store(i, k_new, v_new, index, real_after, s, step.memo)
+                layer.store(i, k_new, v_new, index, real_after, s, step)
             out[:, heads] = self._group_attention(q.index_select(1, heads), keys, values, key_index, index, heads)
         if layer is not None:
             layer.advance(real_after, s)
@@ -149,7 +149,7 @@ class SpanAttention(ClusteredAttention):
         """One decode step on the Triton kernel (span_kernel.py), which reads the cache as stored: the
         current token is stored first."""
         for i in range(len(self.groups)):
-            layer.store(i, self._kv_of(k, i), self._kv_of(v, i), step.index, step.real_after, 1, step.memo)
+            layer.store(i, self._kv_of(k, i), self._kv_of(v, i), step.index, step.real_after, 1, step)
         layer.advance(step.real_after, 1)
         classes = self._classes.get(q.device)
         if classes is None:

@@ -23,6 +23,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from chai_compile.kernels import span_ring
 from chai_compile.rewrite.base import RewriteError
+from chai_compile.rewrite.span_step import SpanStep
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,12 @@ class SpanCacheLayer(CacheLayerMixin):
         return self.entries[group]
 
     def store(self, group: int, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, real_after: torch.Tensor,
-              slots: int, memo: dict | None = None) -> None:
+              slots: int, step: SpanStep | None = None) -> None:
         """Add a chunk's k, v [B, n, S, d] with real indices [B, S] (-1: padding) to group `group`.
 
-        `real_after` [B]: real tokens per sequence once the chunk is in; `slots`: the chunk's length. `memo`:
-        the forward's shared tables (span_step.SpanStep.memo), where the ring rows of a storage rule are kept
-        for the other span layers of the same forward."""
+        `real_after` [B]: real tokens per sequence once the chunk is in; `slots`: the chunk's length. `step`:
+        the forward's shared tables (span_step.py), where the ring rows of a storage rule are kept for the
+        other span layers of the same forward."""
         g = self.groups[group]
         old_k, old_v, old_i = self.entries[group]
         if g.capacity is None:
@@ -95,13 +96,11 @@ class SpanCacheLayer(CacheLayerMixin):
             if length == g.capacity:
                 self.rings[group] = (buf_k, buf_v, buf_i)
         # The ring's row of each survivor (kernels/span_ring.py); the others go to the scratch entry.
-        key = ("ring", g.sinks, g.window, length)
-        target = None if memo is None else memo.get(key)
-        if target is None:
+        def rows() -> torch.Tensor:
             keep = span_ring.survives(index, real_after, g.sinks, g.window)
-            target = torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
-            if memo is not None:
-                memo[key] = target
+            return torch.where(keep, span_ring.slot(index, g.sinks, g.window), length)
+
+        target = rows() if step is None else step.table(("ring", g.sinks, g.window, length), rows)
         at = target[:, None, :, None].expand(b, n, target.shape[1], d)
         buf_k.scatter_(2, at, k)
         buf_v.scatter_(2, at, v)
