@@ -93,13 +93,17 @@ def _read_kernel(X, Out, n, BLOCK: tl.constexpr):
     tl.store(Out + pid, tl.sum(acc, 0))
 
 
+# (programs per SM, elements per block, warps) of the read kernel; the best of them is the read's time.
+READ_GRIDS = [(2, 4096, 8), (4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (4, 8192, 8)]
+
+
 def pure_read(nbytes: int) -> dict:
     """Best pure read of nbytes (bf16) over a few grids, and torch.sum, as GB/s of bytes read."""
     x = torch.randn(nbytes // 2, device=DEVICE, dtype=DT)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     res = {"torch_sum_ms": time_ms(lambda: x.sum(dtype=torch.float32))}
     best = None
-    for per_sm, block, warps in [(2, 4096, 8), (4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (4, 8192, 8)]:
+    for per_sm, block, warps in READ_GRIDS:
         grid = per_sm * sms
         part = torch.empty(grid, device=DEVICE, dtype=torch.float32)
         ms = time_ms(lambda grid=grid, part=part, block=block, warps=warps: _read_kernel[(grid,)](
@@ -108,7 +112,7 @@ def pure_read(nbytes: int) -> dict:
         best = ms if best is None else min(best, ms)
     res["triton_read_ms"] = best
     per_sm, block, warps = min(
-        [(2, 4096, 8), (4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (4, 8192, 8)],
+        READ_GRIDS,
         key=lambda c: res[f"triton_read_{c[0]}x{c[1]}w{c[2]}_ms"],
     )
     part = torch.empty(per_sm * sms, device=DEVICE, dtype=torch.float32)
