@@ -188,10 +188,15 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="a small config grid")
+    ap.add_argument("--configs", help="only these configs (comma-separated names; 'auto' is always kept)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfgs = configs(args.quick)
     flags = " --quick" if args.quick else ""
+    if args.configs:
+        names = ["auto", *args.configs.split(",")]
+        cfgs = {k: cfgs[k] for k in dict.fromkeys(names) if k in cfgs}
+        flags += f" --configs {args.configs}"
     res = {"command": f"PYTHONPATH=. python benchmarks/sweep_b1_stack.py --out {args.out} --layers {args.layers}"
                       + flags,
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,

@@ -179,8 +179,8 @@ def clustered_decode(
     # Counters are only touched when fused; a stand-in keeps the unfused launch allocation-free. BLOCK_S keeps
     # the merge's [width, BLOCK_S, d] partials near 8K floats in registers.
     counters = merge_counters(dev, batch * programs) if fuse else lengths
-    merge_args = dict(FUSE_MERGE=fuse, G=plan.heads_per_slot,
-                      BLOCK_S=max(1, min(32, triton.next_power_of_2(n_split), 8192 // (width * block_d))))
+    block_s = max(1, min(32, triton.next_power_of_2(n_split), 8192 // (width * block_d)))
+    merge_args = dict(FUSE_MERGE=fuse, G=plan.heads_per_slot, BLOCK_S=block_s, ONE_PASS=n_split <= block_s)
     if two_phase:
         scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,

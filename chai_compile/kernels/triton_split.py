@@ -21,7 +21,7 @@ def split_kernel(
     num_slots, num_splits, ml_offset,
     qk_scale, split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr,
+    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr, ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,7 +83,8 @@ def split_kernel(
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part, tl.zeros([M], tl.float32) + l_i, mask=m_valid)
     if FUSE_MERGE:
         merge_tile(Work, Counters, HeadsOfSlot, Out, b * tl.num_programs(0) + tile, slot0 + offs_m, m_valid, b,
-                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G)
+                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G,
+                   ONE_PASS)
 
 
 @triton.jit
@@ -96,7 +97,7 @@ def split_dot_kernel(
     num_slots, num_splits, ml_offset,
     qk_scale, split_len, sinks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr,
+    HAS_SPAN: tl.constexpr, FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr, ONE_PASS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Same contract as split_kernel, on tensor cores.
@@ -177,4 +178,5 @@ def split_dot_kernel(
     tl.store(Work + ml_offset + ml_offset // HEAD_DIM + part_m, tl.zeros([M], tl.float32) + l_row, mask=m_valid)
     if FUSE_MERGE:
         merge_tile(Work, Counters, HeadsOfSlot, Out, b * tl.num_programs(0) + tile, slot0 + offs_m, m_valid, b,
-                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G)
+                   stride_outb, stride_outh, num_slots, num_splits, ml_offset, HEAD_DIM, BLOCK_D, M, BLOCK_S, G,
+                   ONE_PASS)

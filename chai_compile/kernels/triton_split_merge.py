@@ -69,10 +69,12 @@ def merge_tile(
     stride_outb, stride_outh,
     num_slots, num_splits, ml_offset,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr, G: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     """Count this split of the tile in; the last one merges the tile's slots (`slots` [R], `valid` [R]).
 
     HeadsOfSlot [slots, G]: the heads that read each slot (-1 padded); the merged slot is written to each.
+    ONE_PASS: num_splits <= BLOCK_S (the small steps), so the maxima, sums and partials load together.
     """
     # Every thread's partial stores come before the release of the counter (bar.sync, then the atomic of
     # one thread, the pattern of a CUDA split-K semaphore).
@@ -87,28 +89,45 @@ def merge_tile(
         Mpart = Work + ml_offset
         Lpart = Mpart + ml_offset // HEAD_DIM
         # Other programs' partials were written from other SMs: .cg reads them from L2, never from a stale L1.
-        m_max = tl.full([R, BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
-            s = s0 + offs_s
-            sm = valid[:, None] & (s < num_splits)[None, :]
-            m_max = tl.maximum(
-                m_max, tl.load(Mpart + base[:, None] + s[None, :], mask=sm, other=float("-inf"), cache_modifier=".cg")
-            )
-        m_all = tl.max(m_max, 1)
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
-        acc = tl.zeros([R, BLOCK_D], tl.float32)
-        l_sum = tl.zeros([R, BLOCK_S], tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
-            s = s0 + offs_s
+        if ONE_PASS:  # every split fits one block: all loads in one round trip, no second pass over L2
+            s = offs_s
             sm = valid[:, None] & (s < num_splits)[None, :]
             part = base[:, None] + s[None, :]
-            w = tl.exp2(tl.load(Mpart + part, mask=sm, other=float("-inf"), cache_modifier=".cg") - m_all[:, None])
-            l_sum += w * tl.load(Lpart + part, mask=sm, other=0.0, cache_modifier=".cg")
+            m_part = tl.load(Mpart + part, mask=sm, other=float("-inf"), cache_modifier=".cg")
+            l_part = tl.load(Lpart + part, mask=sm, other=0.0, cache_modifier=".cg")
             o = tl.load(
                 Work + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
                 mask=sm[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg",
             )  # fmt: skip
-            acc += tl.sum(w[:, :, None] * o, 1)
+            m_all = tl.max(m_part, 1)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
+            w = tl.exp2(m_part - m_all[:, None])
+            l_sum = w * l_part
+            acc = tl.sum(w[:, :, None] * o, 1)
+        else:
+            m_max = tl.full([R, BLOCK_S], float("-inf"), tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                s = s0 + offs_s
+                sm = valid[:, None] & (s < num_splits)[None, :]
+                m_max = tl.maximum(
+                    m_max,
+                    tl.load(Mpart + base[:, None] + s[None, :], mask=sm, other=float("-inf"), cache_modifier=".cg"),
+                )
+            m_all = tl.max(m_max, 1)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            acc = tl.zeros([R, BLOCK_D], tl.float32)
+            l_sum = tl.zeros([R, BLOCK_S], tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
+                s = s0 + offs_s
+                sm = valid[:, None] & (s < num_splits)[None, :]
+                part = base[:, None] + s[None, :]
+                w = tl.exp2(tl.load(Mpart + part, mask=sm, other=float("-inf"), cache_modifier=".cg") - m_all[:, None])
+                l_sum += w * tl.load(Lpart + part, mask=sm, other=0.0, cache_modifier=".cg")
+                o = tl.load(
+                    Work + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=sm[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg",
+                )  # fmt: skip
+                acc += tl.sum(w[:, :, None] * o, 1)
         l_all = tl.sum(l_sum, 1)
         out = (acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]).to(Out.dtype.element_ty)
         for g in tl.static_range(G):
