@@ -37,14 +37,15 @@ from sweep_b1_decode import READ_GRIDS, _read_kernel  # noqa: E402
 from chai_compile.kernels import DecodeConfig  # noqa: E402
 from chai_compile.kernels.reference import clustered_decode_reference  # noqa: E402
 
-T = 4096
+# The small-step defaults before one-warp programs (4 warps, 64-key blocks, 2 waves, splits of 64 keys or more).
+PREV_SMALL = DecodeConfig(tile_width=1, block_n=64, num_stages=3, num_warps=4, waves=2.0, min_split=64)
 
 
 def configs(quick: bool) -> dict[str, DecodeConfig]:
     """The default, the non-fused merge and two-phase forms, and grids around the small-step settings."""
     out = {"auto": DecodeConfig(), "merge_kernel": DecodeConfig(fuse_merge=False),
-           "two_phase": DecodeConfig(two_phase=True)}  # fmt: skip
-    grid = itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1.0, 2.0, 3.0, 4.0, 6.0))
+           "two_phase": DecodeConfig(two_phase=True), "prev_small": PREV_SMALL}  # fmt: skip
+    grid = itertools.product((32, 64, 128), (2, 3, 4), (1, 2, 4, 8), (1.0, 2.0, 3.0, 4.0, 6.0))
     if quick:
         grid = itertools.product((32, 64), (2, 3), (4,), (2.0, 4.0))
     for block_n, stages, warps, waves in grid:
@@ -116,19 +117,19 @@ def read_stack(nbytes: int, layers: int) -> dict:
     return res
 
 
-def measure(label: str, hk: int, m: dict, layers: int, cfgs: dict, res: dict) -> None:
+def measure(label: str, hk: int, m: dict, t: int, layers: int, cfgs: dict, res: dict) -> None:
     c = len(m["sizes"])
     scale = 1 / math.sqrt(D)
-    kd = [torch.randn(1, hk, T, D, device=DEVICE, dtype=DT) for _ in range(layers)]
-    v = [torch.randn(1, hk, T, D, device=DEVICE, dtype=DT) for _ in range(layers)]
+    kd = [torch.randn(1, hk, t, D, device=DEVICE, dtype=DT) for _ in range(layers)]
+    v = [torch.randn(1, hk, t, D, device=DEVICE, dtype=DT) for _ in range(layers)]
     qd = [torch.randn(1, H, 1, D, device=DEVICE, dtype=DT) for _ in range(layers)]
     q = [torch.randn(1, c, D, device=DEVICE, dtype=DT) for _ in range(layers)]
     kc = [k[:, : m["k_heads_kept"]] for k in kd]
-    lengths = torch.full((1,), T, dtype=torch.int32, device=DEVICE)
-    fused_bytes = T * D * (m["k_heads_kept"] + m["v_heads"]) * 2
+    lengths = torch.full((1,), t, dtype=torch.int32, device=DEVICE)
+    fused_bytes = t * D * (m["k_heads_kept"] + m["v_heads"]) * 2
     copy = res["copy"]["gbps"]
     dense_fns = [lambda i=i: sdpa_flash(qd[i], kd[i], v[i], enable_gqa=hk != H) for i in range(layers)]
-    row = {"label": label, "B": 1, "T": T, "C": c, "k_heads": m["k_heads_kept"], "v_heads": m["v_heads"],
+    row = {"label": label, "B": 1, "T": t, "C": c, "k_heads": m["k_heads_kept"], "v_heads": m["v_heads"],
            "fused_bytes": fused_bytes, "sdpa_ms": stack_ms(dense_fns), "read_ms": read_stack(fused_bytes, layers),
            "ms": {}, "maxdiff": {}, "failed": {}}  # fmt: skip
     ref = clustered_decode_reference(q[0], kc[0], v[0], lengths, m["offsets"], m["k_index"], m["v_index"], scale,
@@ -164,18 +165,18 @@ def measure(label: str, hk: int, m: dict, layers: int, cfgs: dict, res: dict) ->
     res["rows"].append(row)
     Path(res["json"]).write_text(json.dumps(res, indent=1))  # rows so far survive a timeout
     top = sorted(ms, key=ms.get)[:5]
-    print(f"{label:11s} C={c:2d} sdpa {row['sdpa_ms'] * 1e3:5.1f}us read {best_read * 1e3:5.1f}us "
+    print(f"{label:11s} T={t:5d} C={c:2d} sdpa {row['sdpa_ms'] * 1e3:5.1f}us read {best_read * 1e3:5.1f}us "
           + " ".join(f"{k} {ms[k] * 1e3:.1f}" for k in ["auto", *top]), flush=True)  # fmt: skip
 
 
 def table(res: dict) -> str:
     copy = res["copy"]["gbps"]
     lines = [f"copy {copy:.0f} GB/s  {res['device']}  per layer of a {res['layers']}-layer graph",
-             "layout      C    MB  sdpa_us read_us %copy  auto_us %copy xSDPA  best (us, %copy, xSDPA)"]  # fmt: skip
+             "layout         T  C    MB  sdpa_us read_us %copy  auto_us %copy xSDPA  best (us,%copy,xSDPA)"]
     for r in res["rows"]:
         ms, best = r["ms"], r["best"]
         lines.append(
-            f"{r['label']:11s} {r['C']:2d} {r['fused_bytes'] / 1e6:5.1f} {r['sdpa_ms'] * 1e3:8.1f} "
+            f"{r['label']:11s} {r['T']:5d} {r['C']:2d} {r['fused_bytes'] / 1e6:5.1f} {r['sdpa_ms'] * 1e3:8.1f} "
             f"{r['best_read_ms'] * 1e3:7.1f} {r['pct_copy_read']:5.1f} {ms['auto'] * 1e3:8.1f} "
             f"{r['pct_copy']['auto']:5.1f} {r['x_sdpa']['auto']:5.2f}  {best} ({ms[best] * 1e3:.1f}, "
             f"{r['pct_copy'][best]:.1f}, {r['x_sdpa'][best]:.2f})"
@@ -187,12 +188,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--lengths", default="4096", help="cache lengths T (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a small config grid")
     ap.add_argument("--configs", help="only these configs (comma-separated names; 'auto' is always kept)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     cfgs = configs(args.quick)
-    flags = " --quick" if args.quick else ""
+    flags = f" --lengths {args.lengths}" + (" --quick" if args.quick else "")
     if args.configs:
         names = ["auto", *args.configs.split(",")]
         cfgs = {k: cfgs[k] for k in dict.fromkeys(names) if k in cfgs}
@@ -202,10 +204,11 @@ def main() -> None:
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "layers": args.layers, "configs": {k: asdict(c) for k, c in cfgs.items()},
            "copy": copy_bandwidth(), "rows": [], "json": str(args.out / "sweep_b1_stack.json")}  # fmt: skip
-    for c in (4, 8, 16):
-        measure("mha", H, equal_mapping(c), args.layers, cfgs, res)
-        torch.cuda.empty_cache()  # the previous layout's caches
-    measure("gqa-aligned", 8, gqa_aligned(4), args.layers, cfgs, res)
+    for t in (int(x) for x in args.lengths.split(",")):
+        for c in (4, 8, 16):
+            measure("mha", H, equal_mapping(c), t, args.layers, cfgs, res)
+            torch.cuda.empty_cache()  # the previous layout's caches
+        measure("gqa-aligned", 8, gqa_aligned(4), t, args.layers, cfgs, res)
     Path(res["json"]).write_text(json.dumps(res, indent=1))
     print(table(res))
 

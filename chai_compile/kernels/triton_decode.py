@@ -43,12 +43,14 @@ class DecodeConfig:
     # V heads per program; None: 1 on small steps (SMALL_STEP_KEYS), else ~ the mean slots per cluster, at most 8
     tile_width: int | None = None
     block_n: int | None = None
-    num_warps: int = 4
+    # None: 1 on small single-pass steps (SMALL_STEP), else 4
+    num_warps: int | None = None
     num_stages: int | None = None
     # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
-    # tiles, 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral elsewhere).
+    # tiles (128 on small steps), 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral
+    # elsewhere).
     min_split: int | None = None
-    # Aim for this many programs per SM before splitting stops; None: 2 on small steps, else 8.
+    # Aim for this many programs per SM before splitting stops; None: 4 on small steps, else 8.
     waves: float | None = None
     # Tensor-core variant (triton_split.split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
@@ -65,11 +67,15 @@ class DecodeConfig:
 
 TWO_PHASE_MIN_KEYS = 16384
 # Small steps (B * Tmax <= SMALL_STEP_KEYS) are latency-bound: one tile per (cluster, V head) on tensor cores,
-# few long splits (2 waves) whose loads pipeline across ~8 key blocks, and the merge in the same launch. On the
-# H200 at B=1, T=4096 (benchmarks/sweep_b1_decode.py) MHA C=4/8/16 went from 24.8/27.8/30.8 to 21.6/22.8/25.2 us
-# and GQA C=4 from 16.0 to 13.9 us. Forced at B=8, T=4096 they lost (MHA C=4 115 vs 95 us); at B=1, T=16384
-# they won for C=4, the only C measured there, so the threshold stays at what was measured.
+# the merge in the same launch, and (SMALL_STEP) one-warp programs on 32-key blocks, 3 stages, 4 per SM
+# (48 KB of shared memory each): more independent load streams per SM than 4-warp programs, and no
+# cross-warp reductions in the softmax. Splits of at least 128 keys keep each program's pipeline full.
+# Per layer of a 16-layer CUDA graph on the H200 at B=1, T=4096 (benchmarks/sweep_b1_stack.py), MHA
+# C=4/8/16: 15.6/16.0/17.6 us with 4-warp programs, 64-key blocks and 2 waves -> 14.6/15.6/17.4 us.
+# Forced at B=8, T=4096 the small-step tiles lost (MHA C=4 115 vs 95 us); at B=1, T=16384 they won for C=4,
+# the only C measured there, so the threshold stays at what was measured.
 SMALL_STEP_KEYS = 4096
+SMALL_STEP = (32, 3)  # (block_n, num_stages) of the small-step tiles
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -155,15 +161,17 @@ def clustered_decode(
     two_phase = cfg.two_phase
     if two_phase is None:
         two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
-    min_split = cfg.min_split or (256 if two_phase else 64)
+    small_tiles = small and not two_phase
+    min_split = cfg.min_split or (256 if two_phase else 128 if small_tiles else 64)
     # Two-phase programs hold one V head (one K head) like a width-1 tile.
-    block_n, stages = _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
+    block_n, stages = SMALL_STEP if small_tiles else _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
     block_n = cfg.block_n or block_n
     stages = cfg.num_stages or stages
+    num_warps = cfg.num_warps or (1 if small_tiles else 4)
 
     dev = q.device
     programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
-    waves = cfg.waves or (2.0 if small else 8.0)
+    waves = cfg.waves or (4.0 if small_tiles else 8.0)
     n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, waves, _sm_count(dev))
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
@@ -184,7 +192,7 @@ def clustered_decode(
     if two_phase:
         scores = torch.empty(batch, num_clusters, t_max, device=dev, dtype=torch.float32)
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ROWS=GROUP_ROWS, BLOCK_N=block_n,
-                      HAS_SPAN=span is not None, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=stages)
+                      HAS_SPAN=span is not None, DOT_PRECISION=precision, num_warps=num_warps, num_stages=stages)
         # Phase 1 runs on fewer heads (the kept K heads): its own, finer split keeps the GPU busy. The
         # scores are indexed by key, so the two phases need not agree on the split.
         k_split, k_split_len = num_splits_for(
@@ -218,7 +226,7 @@ def clustered_decode(
             plan.num_slots, n_split, ml_offset,
             scale * LOG2E, split_len, sinks,
             HEAD_DIM=head_dim, BLOCK_D=block_d, M=width, BLOCK_N=block_n, HAS_SPAN=span is not None,
-            num_warps=cfg.num_warps, num_stages=stages, **extra, **merge_args,
+            num_warps=num_warps, num_stages=stages, **extra, **merge_args,
         )  # fmt: skip
     if not fuse:
         reduce_kernel[(num_heads, batch)](
