@@ -43,14 +43,15 @@ class DecodeConfig:
     # V heads per program; None: 1 on small steps (SMALL_STEP_KEYS), else ~ the mean slots per cluster, at most 8
     tile_width: int | None = None
     block_n: int | None = None
-    # None: 1 on small single-pass steps (SMALL_STEP), else 4
+    # None: 1 on small single-pass steps that fill the GPU with such programs (ONE_WARP_PER_SM), else 4
     num_warps: int | None = None
     num_stages: int | None = None
     # Keys per split at least: partial results stay a few % of the traffic. None: 64 on the single-pass
-    # tiles (128 on small steps), 256 on the two-phase kernels (-10% time on H200 at B=1, T=16k GQA, neutral
-    # elsewhere).
+    # tiles (ONE_WARP_MIN_SPLIT on one-warp steps), 256 on the two-phase kernels (-10% time on H200 at B=1,
+    # T=16k GQA, neutral elsewhere).
     min_split: int | None = None
-    # Aim for this many programs per SM before splitting stops; None: 4 on small steps, else 8.
+    # Aim for this many programs per SM before splitting stops; None: 4 on one-warp steps, 2 on other small
+    # steps, else 8.
     waves: float | None = None
     # Tensor-core variant (triton_split.split_dot_kernel); None: on for tile width <= 2, where its pipelined
     # loads measured +8-28% bandwidth on H100 (C=16 MHA, GQA); wider tiles run faster on the FMA kernel.
@@ -67,15 +68,19 @@ class DecodeConfig:
 
 TWO_PHASE_MIN_KEYS = 16384
 # Small steps (B * Tmax <= SMALL_STEP_KEYS) are latency-bound: one tile per (cluster, V head) on tensor cores,
-# the merge in the same launch, and (SMALL_STEP) one-warp programs on 32-key blocks, 3 stages, 4 per SM
-# (48 KB of shared memory each): more independent load streams per SM than 4-warp programs, and no
-# cross-warp reductions in the softmax. Splits of at least 128 keys keep each program's pipeline full.
-# Per layer of a 16-layer CUDA graph on the H200 at B=1, T=4096 (benchmarks/sweep_b1_stack.py), MHA
-# C=4/8/16: 15.6/16.0/17.6 us with 4-warp programs, 64-key blocks and 2 waves -> 14.6/15.6/17.4 us.
-# Forced at B=8, T=4096 the small-step tiles lost (MHA C=4 115 vs 95 us); at B=1, T=16384 they won for C=4,
-# the only C measured there, so the threshold stays at what was measured.
+# few long splits (2 waves) whose loads pipeline across several key blocks, and the merge in the same launch.
+# Forced at B=8, T=4096 they lost (MHA C=4 115 vs 95 us); at B=1, T=16384 they won for C=4, the only C
+# measured there, so the threshold stays at what was measured.
 SMALL_STEP_KEYS = 4096
-SMALL_STEP = (32, 3)  # (block_n, num_stages) of the small-step tiles
+# Where a small step cuts into at least ONE_WARP_PER_SM programs per SM of ONE_WARP_MIN_SPLIT keys or more,
+# one-warp programs on 32-key blocks, 3 stages, 4 waves (48 KB of shared memory each, 4 resident per SM) replace
+# the 4-warp programs: more independent load streams per SM, no cross-warp reductions in the softmax. Per layer
+# of a 16-layer CUDA graph on the H200 (benchmarks/sweep_b1_stack.py), B=1 MHA C=4/8/16: T=4096
+# 15.8/15.9/17.6 -> 14.8/15.7/17.5 us, T=2048 10.9/11.2/11.8 -> 10.0/10.4/11.3 us; where the step is too short
+# to fill the GPU with them (T <= 1024, GQA with 8 tiles up to T=4096) they lost up to 55%.
+ONE_WARP_MIN_SPLIT = 128
+ONE_WARP_PER_SM = 3
+ONE_WARP_BLOCK = (32, 3)  # (block_n, num_stages)
 
 
 # tile width -> (block_n, num_stages): keeps M * BLOCK_N * d in registers near 32-64 KB per program.
@@ -161,18 +166,21 @@ def clustered_decode(
     two_phase = cfg.two_phase
     if two_phase is None:
         two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
-    small_tiles = small and not two_phase
-    min_split = cfg.min_split or (256 if two_phase else 128 if small_tiles else 64)
+    dev = q.device
+    sms = _sm_count(dev)
+    # One-warp programs on a small single-pass step that cuts into enough of them (ONE_WARP_PER_SM).
+    fill = batch * plan.num_tiles * math.ceil(t_len / ONE_WARP_MIN_SPLIT)
+    one_warp = small and not two_phase and fill >= ONE_WARP_PER_SM * sms
+    min_split = cfg.min_split or (256 if two_phase else ONE_WARP_MIN_SPLIT if one_warp else 64)
     # Two-phase programs hold one V head (one K head) like a width-1 tile.
-    block_n, stages = SMALL_STEP if small_tiles else _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
+    block_n, stages = ONE_WARP_BLOCK if one_warp else _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
     block_n = cfg.block_n or block_n
     stages = cfg.num_stages or stages
-    num_warps = cfg.num_warps or (1 if small_tiles else 4)
+    num_warps = cfg.num_warps or (1 if one_warp else 4)
 
-    dev = q.device
     programs = plan.v_groups.shape[0] if two_phase else plan.num_tiles
-    waves = cfg.waves or (4.0 if small_tiles else 8.0)
-    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, waves, _sm_count(dev))
+    waves = cfg.waves or (4.0 if one_warp else 2.0 if small else 8.0)
+    n_split, split_len = num_splits_for(batch, programs, t_len, block_n, min_split, waves, sms)
     ml_offset = batch * plan.num_slots * n_split * head_dim
     work = torch.empty(ml_offset + 2 * batch * plan.num_slots * n_split, device=dev, dtype=torch.float32)
     if out is None:
