@@ -184,6 +184,37 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(res: dict, path: Path) -> None:
+    """Per layout: % of copy bandwidth against T for the default, the previous defaults and a plain read."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    copy = res["copy"]["gbps"]
+    layouts = list(dict.fromkeys((r["label"], r["C"]) for r in res["rows"]))
+    fig, axes = plt.subplots(1, len(layouts), figsize=(3.6 * len(layouts), 3.6), sharey=True, squeeze=False)
+    for ax, (label, c) in zip(axes[0], layouts, strict=True):
+        rows = sorted((r for r in res["rows"] if (r["label"], r["C"]) == (label, c)), key=lambda r: r["T"])
+        ts = [r["T"] for r in rows]
+        pct = lambda ms, r: 100 * r["fused_bytes"] / ms / 1e6 / copy  # noqa: E731
+        ax.plot(ts, [pct(r["best_read_ms"], r) for r in rows], "k--", label="plain read of the bytes")
+        ax.plot(ts, [pct(r["ms"]["auto"], r) for r in rows], "o-", label="clustered decode (default)")
+        if all("prev_small" in r["ms"] for r in rows):
+            ax.plot(ts, [pct(r["ms"]["prev_small"], r) for r in rows], "s:", label="previous small-step defaults")
+        sdpa = [pct(r["sdpa_ms"], r) for r in rows]
+        ax.plot(ts, sdpa, "^-", color="grey", label="dense SDPA (CHAI bytes / its time)")
+        ax.axhline(60, color="red", lw=0.8, label="60% of copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("cache length T (keys), B=1")
+        ax.set_title(f"{label} C={c}")
+    axes[0][0].set_ylabel("% of copy bandwidth (per layer)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Decode per layer of a {res['layers']}-layer CUDA graph, H=32 d=128 bf16 ({res['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True, type=Path)
@@ -191,8 +222,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096", help="cache lengths T (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="a small config grid")
     ap.add_argument("--configs", help="only these configs (comma-separated names; 'auto' is always kept)")
+    ap.add_argument("--plot-only", type=Path, help="re-plot an existing JSON into OUT")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        res = json.loads(args.plot_only.read_text())
+        plot(res, args.out / "sweep_b1_stack.png")
+        print(table(res))
+        return
     cfgs = configs(args.quick)
     flags = f" --lengths {args.lengths}" + (" --quick" if args.quick else "")
     if args.configs:
@@ -210,6 +247,7 @@ def main() -> None:
             torch.cuda.empty_cache()  # the previous layout's caches
         measure("gqa-aligned", 8, gqa_aligned(4), t, args.layers, cfgs, res)
     Path(res["json"]).write_text(json.dumps(res, indent=1))
+    plot(res, args.out / "sweep_b1_stack.png")
     print(table(res))
 
 
