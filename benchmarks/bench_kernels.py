@@ -52,6 +52,22 @@ def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
     return g
 
 
+def median_replay_ms(g: torch.cuda.CUDAGraph, n: int, skip: int, before: Callable[[], object] | None = None) -> float:
+    """Median ms of n replays of g timed by CUDA events (after `skip` untimed ones), `before()` run ahead of each."""
+    times = []
+    for i in range(n + skip):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        if i >= skip:
+            times.append((start, end))
+    torch.cuda.synchronize()
+    return float(torch.tensor([s.elapsed_time(e) for s, e in times]).median())
+
+
 def time_ms(fn: Callable[[], object], graph: bool = True) -> float:
     """Median ms per call; graph=True replays a CUDA graph of fn (no CPU launch overhead)."""
     import triton.testing

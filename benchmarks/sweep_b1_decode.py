@@ -28,7 +28,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import (  # noqa: E402,I001
-    DEVICE, DT, D, H, capture_graph, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, sdpa_flash, time_ms,
+    DEVICE, DT, D, H, capture_graph, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, median_replay_ms,
+    sdpa_flash, time_ms,
 )
 
 from chai_compile.kernels import DecodeConfig  # noqa: E402
@@ -69,17 +70,7 @@ def time_ms_clean(fn, n: int = 200) -> float:
     torch.cuda.synchronize()
     g = capture_graph(fn)
     flush = torch.ones(64 << 20, dtype=torch.int32, device=DEVICE)
-    times = []
-    for i in range(n + 10):
-        flush.sum()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        if i >= 10:
-            times.append((start, end))
-    torch.cuda.synchronize()
-    return float(torch.tensor([s.elapsed_time(e) for s, e in times]).median())
+    return median_replay_ms(g, n, 10, before=flush.sum)
 
 
 @triton.jit

@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import math
-import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernels import (  # noqa: E402,I001
-    DEVICE, DT, D, H, capture_graph, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, sdpa_flash, time_ms,
+    DEVICE, DT, D, H, capture_graph, copy_bandwidth, decode_fn, equal_mapping, gqa_aligned, median_replay_ms,
+    sdpa_flash, time_ms,
 )
 from sweep_b1_decode import READ_GRIDS, _read_kernel  # noqa: E402
 
@@ -69,17 +69,9 @@ def stack_ms(fns: list, n: int = 60) -> float:
         f()
     torch.cuda.synchronize()
     g = capture_graph(lambda: [f() for f in fns])
-    times = []
-    for i in range(n + 5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        if i >= 5:
-            times.append((start, end))
-    torch.cuda.synchronize()
+    ms = median_replay_ms(g, n, 5)
     del g
-    return statistics.median(s.elapsed_time(e) for s, e in times) / len(fns)
+    return ms / len(fns)
 
 
 def kernel_us(fns: list, reps: int = 5) -> dict:
