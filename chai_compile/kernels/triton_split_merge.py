@@ -63,6 +63,23 @@ def reduce_kernel(
 
 
 @triton.jit
+def _splits(Work, base, s0, valid, num_splits, ml_offset,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """Maxima and sums [R, BLOCK_S] and partial outputs [R, BLOCK_S, BLOCK_D] of splits s0.. of the R slots at
+    `base` (masked entries: -inf, 0, 0). Other programs wrote them from other SMs: .cg reads them from L2, never
+    from a stale L1."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    sm = valid[:, None] & (s < num_splits)[None, :]
+    part = base[:, None] + s[None, :]
+    m = tl.load(Work + ml_offset + part, mask=sm, other=float("-inf"), cache_modifier=".cg")
+    total = tl.load(Work + ml_offset + ml_offset // HEAD_DIM + part, mask=sm, other=0.0, cache_modifier=".cg")
+    o = tl.load(Work + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                mask=sm[:, :, None] & (offs_d < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+    return m, total, o
+
+
+@triton.jit
 def merge_tile(
     Work, Counters, HeadsOfSlot, Out,
     counter, slots, valid, b,
@@ -86,48 +103,26 @@ def merge_tile(
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
         base = (b * num_slots + slots) * num_splits  # [R]
-        Mpart = Work + ml_offset
-        Lpart = Mpart + ml_offset // HEAD_DIM
-        # Other programs' partials were written from other SMs: .cg reads them from L2, never from a stale L1.
-        if ONE_PASS:  # every split fits one block: all loads in one round trip, no second pass over L2
-            s = offs_s
-            sm = valid[:, None] & (s < num_splits)[None, :]
-            part = base[:, None] + s[None, :]
-            m_part = tl.load(Mpart + part, mask=sm, other=float("-inf"), cache_modifier=".cg")
-            l_part = tl.load(Lpart + part, mask=sm, other=0.0, cache_modifier=".cg")
-            o = tl.load(
-                Work + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                mask=sm[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg",
-            )  # fmt: skip
-            m_all = tl.max(m_part, 1)
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
-            w = tl.exp2(m_part - m_all[:, None])
-            l_sum = w * l_part
-            acc = tl.sum(w[:, :, None] * o, 1)
+        if ONE_PASS:  # every split in one block: one round trip of loads, the maxima taken from it
+            m_part, l_part, o = _splits(Work, base, 0, valid, num_splits, ml_offset, HEAD_DIM, BLOCK_D, BLOCK_S)
+            m_max = m_part
         else:
             m_max = tl.full([R, BLOCK_S], float("-inf"), tl.float32)
             for s0 in range(0, num_splits, BLOCK_S):
                 s = s0 + offs_s
                 sm = valid[:, None] & (s < num_splits)[None, :]
-                m_max = tl.maximum(
-                    m_max,
-                    tl.load(Mpart + base[:, None] + s[None, :], mask=sm, other=float("-inf"), cache_modifier=".cg"),
-                )
-            m_all = tl.max(m_max, 1)
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-            acc = tl.zeros([R, BLOCK_D], tl.float32)
-            l_sum = tl.zeros([R, BLOCK_S], tl.float32)
-            for s0 in range(0, num_splits, BLOCK_S):
-                s = s0 + offs_s
-                sm = valid[:, None] & (s < num_splits)[None, :]
-                part = base[:, None] + s[None, :]
-                w = tl.exp2(tl.load(Mpart + part, mask=sm, other=float("-inf"), cache_modifier=".cg") - m_all[:, None])
-                l_sum += w * tl.load(Lpart + part, mask=sm, other=0.0, cache_modifier=".cg")
-                o = tl.load(
-                    Work + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                    mask=sm[:, :, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg",
-                )  # fmt: skip
-                acc += tl.sum(w[:, :, None] * o, 1)
+                m_max = tl.maximum(m_max, tl.load(Work + ml_offset + base[:, None] + s[None, :], mask=sm,
+                                                  other=float("-inf"), cache_modifier=".cg"))  # fmt: skip
+        m_all = tl.max(m_max, 1)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
+        acc = tl.zeros([R, BLOCK_D], tl.float32)
+        l_sum = tl.zeros([R, BLOCK_S], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            if not ONE_PASS:
+                m_part, l_part, o = _splits(Work, base, s0, valid, num_splits, ml_offset, HEAD_DIM, BLOCK_D, BLOCK_S)
+            w = tl.exp2(m_part - m_all[:, None])
+            l_sum += w * l_part
+            acc += tl.sum(w[:, :, None] * o, 1)
         l_all = tl.sum(l_sum, 1)
         out = (acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]).to(Out.dtype.element_ty)
         for g in tl.static_range(G):
