@@ -103,9 +103,13 @@ def merge_tile(
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < HEAD_DIM
         base = (b * num_slots + slots) * num_splits  # [R]
-        if ONE_PASS:  # every split in one block: one round trip of loads, the maxima taken from it
+        if ONE_PASS:  # every split in one block: one round trip of loads, straight-line (a loop here cost 0.2 us)
             m_part, l_part, o = _splits(Work, base, 0, valid, num_splits, ml_offset, HEAD_DIM, BLOCK_D, BLOCK_S)
-            m_max = m_part
+            m_all = tl.max(m_part, 1)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
+            w = tl.exp2(m_part - m_all[:, None])
+            l_sum = w * l_part
+            acc = tl.sum(w[:, :, None] * o, 1)
         else:
             m_max = tl.full([R, BLOCK_S], float("-inf"), tl.float32)
             for s0 in range(0, num_splits, BLOCK_S):
@@ -113,16 +117,15 @@ def merge_tile(
                 sm = valid[:, None] & (s < num_splits)[None, :]
                 m_max = tl.maximum(m_max, tl.load(Work + ml_offset + base[:, None] + s[None, :], mask=sm,
                                                   other=float("-inf"), cache_modifier=".cg"))  # fmt: skip
-        m_all = tl.max(m_max, 1)
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)  # no key at all: output 0, not NaN
-        acc = tl.zeros([R, BLOCK_D], tl.float32)
-        l_sum = tl.zeros([R, BLOCK_S], tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
-            if not ONE_PASS:
+            m_all = tl.max(m_max, 1)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            acc = tl.zeros([R, BLOCK_D], tl.float32)
+            l_sum = tl.zeros([R, BLOCK_S], tl.float32)
+            for s0 in range(0, num_splits, BLOCK_S):
                 m_part, l_part, o = _splits(Work, base, s0, valid, num_splits, ml_offset, HEAD_DIM, BLOCK_D, BLOCK_S)
-            w = tl.exp2(m_part - m_all[:, None])
-            l_sum += w * l_part
-            acc += tl.sum(w[:, :, None] * o, 1)
+                w = tl.exp2(m_part - m_all[:, None])
+                l_sum += w * l_part
+                acc += tl.sum(w[:, :, None] * o, 1)
         l_all = tl.sum(l_sum, 1)
         out = (acc / tl.where(l_all == 0.0, 1.0, l_all)[:, None]).to(Out.dtype.element_ty)
         for g in tl.static_range(G):
