@@ -22,7 +22,7 @@ from chai_compile.kernels import (
     clustered_prefill,
     clustered_prefill_reference,
 )
-from chai_compile.kernels.triton_decode import SMALL_STEP_KEYS
+from chai_compile.kernels.triton_decode import SMALL_STEP_KEYS, fills_with_one_warp
 from tests.kernel_device import DEV, needs_kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -162,6 +162,20 @@ def test_plan_dedupes_shared_v_heads_and_tiles() -> None:
     assert build_plan(*mapping([8] * 4, [0, 1, 2, 3], list(range(32))), cap=2).tile_width == 2
     with pytest.raises(ValueError):
         build_plan(*mapping([3, 2], [0, 1], [0, 1, 2, 3, 4])[:2], torch.arange(4, dtype=torch.int32), tile_width=2)
+
+
+@pytest.mark.parametrize(
+    ("batch", "tiles", "t_len", "expected"),
+    [
+        (1, 32, 4096, True),  # MHA, the H200's 132 SMs: one-warp programs measured 15.6 -> 14.6 us
+        (1, 32, 2048, True),  # 10.8 -> 10.0 us
+        (2, 32, 2048, True),  # the same keys in two sequences
+        (1, 32, 1024, False),  # too few programs of >= 128 keys: one warp measured slower (8.9 vs 8.5 us)
+        (1, 8, 4096, False),  # GQA's 8 tiles: one warp measured slower at T <= 2048, even at 4096
+    ],
+)
+def test_one_warp_rule_follows_the_measured_boundary(batch: int, tiles: int, t_len: int, expected: bool) -> None:
+    assert fills_with_one_warp(batch, tiles, t_len, sm_count=132) is expected
 
 
 def test_import_without_triton_is_clean() -> None:

@@ -109,6 +109,11 @@ def num_splits_for(
     return math.ceil(t_max / split_len), split_len
 
 
+def fills_with_one_warp(batch: int, num_tiles: int, t_len: int, sm_count: int) -> bool:
+    """Whether a small step cuts into ONE_WARP_PER_SM programs per SM of ONE_WARP_MIN_SPLIT keys or more."""
+    return batch * num_tiles * math.ceil(t_len / ONE_WARP_MIN_SPLIT) >= ONE_WARP_PER_SM * sm_count
+
+
 _DEFAULT = DecodeConfig()
 
 
@@ -168,9 +173,7 @@ def clustered_decode(
         two_phase = plan.shared_v or (width > 2 and batch * t_len >= TWO_PHASE_MIN_KEYS)
     dev = q.device
     sms = _sm_count(dev)
-    # One-warp programs on a small single-pass step that cuts into enough of them (ONE_WARP_PER_SM).
-    fill = batch * plan.num_tiles * math.ceil(t_len / ONE_WARP_MIN_SPLIT)
-    one_warp = small and not two_phase and fill >= ONE_WARP_PER_SM * sms
+    one_warp = small and not two_phase and fills_with_one_warp(batch, plan.num_tiles, t_len, sms)
     min_split = cfg.min_split or (256 if two_phase else ONE_WARP_MIN_SPLIT if one_warp else 64)
     # Two-phase programs hold one V head (one K head) like a width-1 tile.
     block_n, stages = ONE_WARP_BLOCK if one_warp else _DECODE_TABLE.get(1 if two_phase else width, (16, 2))
