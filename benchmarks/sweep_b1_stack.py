@@ -63,23 +63,32 @@ def configs(quick: bool) -> dict[str, DecodeConfig]:
     return out
 
 
-def stack_ms(fns: list, n: int = 60) -> float:
-    """Median ms per layer of one CUDA graph running fns back to back, replays back to back (no flush)."""
+def stack_graph(fns: list) -> torch.cuda.CUDAGraph:
+    """One CUDA graph running fns back to back (each run once before, so compiling stays outside the capture)."""
     for f in fns:
         f()
     torch.cuda.synchronize()
-    g = capture_graph(lambda: [f() for f in fns])
+    return capture_graph(lambda: [f() for f in fns])
+
+
+def stack_ms(fns: list, n: int = 60) -> float:
+    """Median ms per layer of stack_graph(fns), replays back to back (no flush)."""
+    g = stack_graph(fns)
     ms = median_replay_ms(g, n, 5)
     del g
     return ms / len(fns)
 
 
-def kernel_us(fns: list, reps: int = 5) -> dict:
-    """Device time per layer of each kernel name, from the CUDA profiler over graph replays of fns."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = capture_graph(lambda: [f() for f in fns])
+def kernel_us(fns: list, reps: int = 5) -> dict | str:
+    """Device time per layer of each kernel name, from the CUDA profiler over replays of stack_graph(fns); the
+    error as text where the profiler fails (a diagnostic: it must not lose the row)."""
+    try:
+        return _profile_us(stack_graph(fns), len(fns), reps)
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def _profile_us(g: torch.cuda.CUDAGraph, layers: int, reps: int) -> dict:
     g.replay()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
@@ -91,8 +100,7 @@ def kernel_us(fns: list, reps: int = 5) -> dict:
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per[e.name[:60]] = per.get(e.name[:60], 0.0) + e.time_range.elapsed_us()
-    del g
-    return {k: v / (reps * len(fns)) for k, v in per.items()}
+    return {k: v / (reps * layers) for k, v in per.items()}
 
 
 def read_stack(nbytes: int, layers: int) -> dict:
@@ -143,17 +151,9 @@ def measure(label: str, hk: int, m: dict, t: int, layers: int, cfgs: dict, res: 
     # The same steps by the other two clocks: one replay per timing (L2 flushed), and kernel durations.
     row["single_replay_ms"] = {k: time_ms(decode_fn(q[0], kc[0], v[0], lengths, m, scale, cfgs[k]))
                                for k in dict.fromkeys(("auto", best))}  # fmt: skip
-    row["kernel_us"] = {}
-    for k in dict.fromkeys(("auto", best)):
-        try:
-            row["kernel_us"][k] = kernel_us([decode_fn(q[i], kc[i], v[i], lengths, m, scale, cfgs[k])
-                                             for i in range(layers)])  # fmt: skip
-        except Exception as e:  # the profiler is a diagnostic; its absence must not lose the row
-            row["kernel_us"][k] = f"{type(e).__name__}: {str(e)[:200]}"
-    try:
-        row["kernel_us"]["sdpa"] = kernel_us(dense_fns)
-    except Exception as e:
-        row["kernel_us"]["sdpa"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row["kernel_us"] = {k: kernel_us([decode_fn(q[i], kc[i], v[i], lengths, m, scale, cfgs[k])
+                                      for i in range(layers)]) for k in dict.fromkeys(("auto", best))}  # fmt: skip
+    row["kernel_us"]["sdpa"] = kernel_us(dense_fns)
     res["rows"].append(row)
     Path(res["json"]).write_text(json.dumps(res, indent=1))  # rows so far survive a timeout
     top = sorted(ms, key=ms.get)[:5]
